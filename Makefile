@@ -1,0 +1,35 @@
+# Two commands do all the set-up: `make demo` and `make test` (see README.md).
+# The virtual environment is created once and reused; it is reinstalled only when pyproject.toml changes.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kdtfp-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/kdtfp run all --quick
+
+# pytest exits 5 when it collects no test; that is not a failure of the suite.
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check kdtfp tests examples
+	$(VENV)/bin/ruff format --check kdtfp tests examples
+
+bench: $(STAMP)
+	$(VENV)/bin/kdtfp bench distiller --json saved_models/bench-distiller.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

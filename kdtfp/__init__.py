@@ -1,0 +1,36 @@
+"""kdtfp: knowledge distillation from teacher networks into probabilistic students.
+
+Built on TensorFlow, Keras 3 and TensorFlow Probability. The public pieces:
+
+* `kdtfp.Distiller` — a `keras.Model` that trains a student against a frozen teacher;
+* `kdtfp.losses` — distillation objectives as `keras.losses.Loss` objects;
+* `kdtfp.callbacks` — loss-weight and temperature schedules;
+* `kdtfp.teachers` — teacher builders (MLPs, bagged ensembles);
+* `kdtfp.datasets` — offline data and transfer-set samplers;
+* `kdtfp.export.export_student` — a SavedModel of the student alone.
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from kdtfp._stack import check_stack  # noqa: E402
+
+check_stack()
+
+from kdtfp import callbacks, datasets, distill, export, losses, teachers  # noqa: E402
+from kdtfp.distill import DistillationObjective, Distiller, FeatureDistillation  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DistillationObjective",
+    "Distiller",
+    "FeatureDistillation",
+    "callbacks",
+    "datasets",
+    "distill",
+    "export",
+    "losses",
+    "teachers",
+]

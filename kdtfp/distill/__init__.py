@@ -1,0 +1,15 @@
+"""The generic `Distiller`, its objectives, and teacher-output caching."""
+
+from kdtfp.distill.cache import teacher_cached_dataset, teacher_outputs
+from kdtfp.distill.distiller import INPUTS, TEACHER_OUTPUTS, Distiller
+from kdtfp.distill.objective import DistillationObjective, FeatureDistillation
+
+__all__ = [
+    "INPUTS",
+    "TEACHER_OUTPUTS",
+    "DistillationObjective",
+    "Distiller",
+    "FeatureDistillation",
+    "teacher_cached_dataset",
+    "teacher_outputs",
+]

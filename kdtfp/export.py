@@ -1,0 +1,87 @@
+"""Export a trained student alone as a SavedModel that serves with only TensorFlow installed."""
+
+from __future__ import annotations
+
+import os
+
+import keras
+import tensorflow as tf
+
+
+def _student_of(model_or_distiller):
+    from kdtfp.distill.distiller import Distiller
+
+    if isinstance(model_or_distiller, Distiller):
+        return model_or_distiller.student
+    if isinstance(model_or_distiller, keras.Model):
+        return model_or_distiller
+    raise ValueError(f"`model_or_distiller` must be a keras.Model or kdtfp.Distiller, got {type(model_or_distiller).__name__}.")
+
+
+def _input_spec(student, input_signature):
+    if input_signature is not None:
+        return input_signature
+    try:
+        inputs = student.inputs
+    except (AttributeError, ValueError):
+        inputs = None
+    if inputs and len(inputs) == 1:
+        return tf.TensorSpec((None,) + tuple(inputs[0].shape[1:]), inputs[0].dtype or "float32", name="inputs")
+    raise ValueError(
+        "`input_signature` is needed: the student has no symbolic input (subclassed model). Pass e.g. "
+        "`input_signature=tf.TensorSpec([None, 64], tf.float32)`."
+    )
+
+
+def export_student(model_or_distiller, path, endpoints=None, input_signature=None):
+    """Writes the student (alone, never the teacher) as a TensorFlow SavedModel at `path`.
+
+    Endpoints, each taking a float batch `[None, *input_shape]`:
+
+    * `serve`: class probabilities `softmax(logits)`, `[None, classes]`;
+    * `logits`: the student's raw outputs;
+    * whatever the student adds through a method `export_endpoints()` returning
+      `{name: function(inputs) -> tensor}`, and the extra `endpoints` given here
+      (`{name: function(student, inputs) -> tensor}`), e.g. intervals, log-probs or samples.
+
+    The export is made with `keras.export.ExportArchive` (DESIGN.md rule 10) and loads with
+    `tf.saved_model.load(path)` or `keras.layers.TFSMLayer(path, call_endpoint="serve")` in a
+    process where kdtfp is not installed.
+
+    Args:
+        model_or_distiller: a trained `kdtfp.Distiller` or the student model itself.
+        path: output directory (created; an existing file there is an error).
+        endpoints: optional dict of extra endpoints.
+        input_signature: a `tf.TensorSpec` when the student has no symbolic input.
+
+    Returns:
+        `path`.
+
+    Example:
+
+    >>> kdtfp.export.export_student(distiller, "saved_models/my-student")
+    >>> served = tf.saved_model.load("saved_models/my-student")
+    >>> served.serve(x)  # probabilities
+    """
+    student = _student_of(model_or_distiller)
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        raise ValueError(f"`path`={path!r} is a file; give a directory for the SavedModel.")
+    spec = _input_spec(student, input_signature)
+    archive = keras.export.ExportArchive()
+    archive.track(student)
+
+    def logits(inputs):
+        return tf.cast(student(inputs, training=False), tf.float32)
+
+    archive.add_endpoint("logits", logits, input_signature=[spec])
+    archive.add_endpoint("serve", lambda inputs: tf.nn.softmax(logits(inputs), axis=-1), input_signature=[spec])
+    extra = dict(student.export_endpoints()) if hasattr(student, "export_endpoints") else {}
+    for name, function in (endpoints or {}).items():
+        extra[name] = lambda inputs, function=function: function(student, inputs)
+    for name, function in extra.items():
+        if name in ("serve", "logits"):
+            raise ValueError(f"Endpoint name {name!r} is reserved.")
+        archive.add_endpoint(name, function, input_signature=[spec])
+    archive.write_out(path, verbose=False)
+    return path

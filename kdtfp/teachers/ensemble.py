@@ -58,6 +58,7 @@ class _StackedMembers(keras.Model):
     def __init__(self, ensemble, **kwargs):
         super().__init__(**kwargs)
         self.ensemble = ensemble
+        self.built = True  # the members are built models already
 
     def call(self, inputs, training=None):
         return self.ensemble.member_logits(inputs, training=training)
@@ -78,7 +79,7 @@ def fit_bagged(ensemble, x, y, epochs=30, batch_size=32, learning_rate=1e-3, see
     rng = np.random.default_rng(seed)
     members = len(ensemble.members)
     counts = np.stack([np.bincount(rng.integers(0, len(x), len(x)), minlength=len(x)) for _ in range(members)], axis=1)
-    trainer = _StackedMembers(ensemble)
+    trainer = _StackedMembers(ensemble, name="stacked_members")
     trainer.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

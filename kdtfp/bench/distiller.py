@@ -1,0 +1,505 @@
+"""`kdtfp bench distiller`: the cost of `kdtfp.Distiller` against its baselines, as ratios.
+
+Everything is measured in one process, on the same models, data, optimizer, batch size and
+`steps_per_execution`, following METHODS.md section 5.6 ("Benchmarking the Distiller"):
+steps are timed after warm-up (building, tracing and compiling excluded), the variants of a
+comparison are timed in interleaved blocks (A, B, C, A, B, C, ...) and each variant's median
+over the blocks is used. Ratios are ours / baseline, so lower is better for every ratio but
+`cache_speedup`.
+
+Two model settings are used, both with a small student (64-32-10), batch 512 and
+`steps_per_execution=8`:
+
+* **compute-bound**: a big teacher (64-1024-1024-10, ~475x the student's forward FLOPs), where
+  the teacher's matmuls dominate the step. Here: `cache_speedup` (an epoch recomputing the
+  teacher / an epoch on `kdtfp.distill.teacher_cached_dataset`), `dm_overhead` (soft targets +
+  projected derivative matching / soft targets only) and, for information, the two
+  framework ratios.
+* **overhead-bound**: the teacher of METHODS.md's reference measurement (64-256-256-10). A CPU
+  step of this size is mostly fixed Keras/TensorFlow cost, so this is where a framework's own
+  per-step overhead shows, and where the headline `ratio_vs_handwritten`,
+  `ratio_vs_keras_distiller` and `ratio_jit` are measured (with a big teacher any overhead
+  would hide behind the teacher's compute, which would flatter kdtfp).
+
+The variants:
+
+* `kdtfp`: `kdtfp.Distiller(student, teacher, [(SoftTargetKL(T), 1.0)])`.
+* `handwritten`: a `keras.Model` subclass whose `compute_loss` computes the same
+  `T^2 * KL(softmax(t/T) || softmax(s/T))`, batch-mean, by hand with `keras.ops`.
+* `keras_distiller`: `keras.distillation.Distiller` with
+  `LogitsDistillation(temperature=T, loss=keras.losses.KLDivergence())` (a Loss object, so it
+  applies softmax and T^2; the default string loss does not, DESIGN.md rule 11) and
+  `student_loss_weight=0.0`, so that it optimises the same loss.
+* `kdtfp_jit`: `kdtfp` compiled with `jit_compile=True`.
+* `kdtfp_dm`: `kdtfp` with `DerivativeMatching(mode="projection", num_projections=1)` added.
+* `kdtfp_cached`: `kdtfp` trained on `teacher_cached_dataset`.
+
+Before timing, every variant's loss on one batch is computed from identical weights; their
+largest difference is reported as `loss_check_max_abs_diff` (the variants must optimise the
+same objective for the ratios to mean anything).
+
+Usage:
+
+>>> from kdtfp.bench import distiller
+>>> result = distiller.run(quick=True, json_path="bench_distiller.json")
+>>> result["ratio_vs_handwritten"], result["cache_speedup"]
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+import kdtfp  # noqa: F401  (sets KERAS_BACKEND and checks the stack before keras is imported)
+import keras  # noqa: I001
+import tensorflow as tf
+from keras import ops
+
+from kdtfp.distill import Distiller, teacher_cached_dataset
+from kdtfp.losses import DerivativeMatching, SoftTargetKL
+from kdtfp.teachers import mlp
+
+GOALS = {
+    "ratio_vs_handwritten": ("<=", 1.05),
+    "ratio_vs_keras_distiller": ("<=", 1.0),
+    "cache_speedup": (">=", 1.5),
+    "dm_overhead": ("<=", 3.0),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What is benchmarked; `quick` only changes how long, never what."""
+
+    input_dim: int = 64
+    num_classes: int = 10
+    student_hidden: tuple = (32,)
+    teacher_hidden: tuple = (1024, 1024)  # compute-bound setting
+    overhead_teacher_hidden: tuple = (256, 256)  # overhead-bound setting (METHODS.md 5.6)
+    batch_size: int = 512
+    steps_per_execution: int = 8
+    temperature: float = 4.0
+    learning_rate: float = 1e-3
+    num_examples: int = 8192  # data behind the step timings (repeated)
+    epoch_examples: int = 32768  # one epoch of the cache comparison
+    repeats: int = 11  # interleaved timing blocks per variant
+    block_seconds: float = 0.3  # target length of one timing block
+    seed: int = 0
+
+    @classmethod
+    def for_run(cls, quick: bool) -> Settings:
+        if quick:
+            return cls(num_examples=4096, epoch_examples=8192, repeats=3, block_seconds=0.08)
+        return cls()
+
+
+# ---------------------------------------------------------------------- timing helpers (reusable)
+
+
+def run_steps(model, iterator, executions: int) -> None:
+    """Runs `executions` calls of `model.train_function` (each `steps_per_execution` steps).
+
+    This is exactly what `fit` does per execution, minus callbacks and the progress bar. The
+    last call's logs are read back to the host, so all queued work is finished on return.
+    """
+    logs = None
+    for _ in range(executions):
+        logs = model.train_function(iterator)
+    if logs is not None:
+        next(iter(logs.values())).numpy()
+
+
+def time_block(fn: Callable[[], None]) -> float:
+    """Wall-clock seconds of one call of `fn`, with Python's garbage collector paused.
+
+    (A full `gc.collect()` takes ~0.3 s once TensorFlow is loaded, so only the youngest
+    generation is collected before the block.)
+    """
+    gc.collect(0)
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    finally:
+        gc.enable()
+
+
+def interleaved_medians(blocks: dict[str, Callable[[], float]], repeats: int) -> dict[str, dict]:
+    """Runs the timing blocks interleaved (A, B, C, A, B, C, ...) `repeats` times.
+
+    `blocks[name]()` times one block and returns its cost in the caller's unit (e.g. ms per
+    step). Returns `{name: {"median": m, "min": ..., "max": ..., "samples": [...]}}`. The order
+    of the variants is rotated every repeat, so no variant always runs right after the same one.
+    """
+    names = list(blocks)
+    samples = {name: [] for name in names}
+    for repeat in range(repeats):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(blocks[name]())
+    return {
+        name: {"median": statistics.median(values), "min": min(values), "max": max(values), "samples": values}
+        for name, values in samples.items()
+    }
+
+
+def step_timer(model, dataset, executions: int, steps_per_execution: int) -> Callable[[], float]:
+    """A block timer: `executions` executions on an endless iterator, in ms per training step."""
+    iterator = iter(dataset.repeat())
+    run_steps(model, iterator, 1)  # warm-up on this iterator (a retrace here is not timed)
+
+    def block() -> float:
+        seconds = time_block(lambda: run_steps(model, iterator, executions))
+        return 1e3 * seconds / (executions * steps_per_execution)
+
+    return block
+
+
+def epoch_timer(model, dataset, executions: int) -> Callable[[], float]:
+    """A block timer: one full pass over `dataset` (a fresh iterator each time), in ms per epoch."""
+    run_steps(model, iter(dataset), 1)
+
+    def block() -> float:
+        iterator = iter(dataset)  # creating the iterator (shuffle buffer fill) is part of an epoch
+        return 1e3 * time_block(lambda: run_steps(model, iterator, executions))
+
+    return block
+
+
+def calibrate_executions(model, dataset, target_seconds: float) -> int:
+    """Executions per block so that a block of `model` lasts about `target_seconds`."""
+    iterator = iter(dataset.repeat())
+    run_steps(model, iterator, 1)
+    seconds = time_block(lambda: run_steps(model, iterator, 2)) / 2
+    return max(1, round(target_seconds / max(seconds, 1e-6)))
+
+
+# ---------------------------------------------------------------------- the models compared
+
+
+class HandwrittenKD(keras.Model):
+    """The baseline: what a Keras user writes by hand for soft-target KD (no framework)."""
+
+    def __init__(self, student, teacher, temperature, **kwargs):
+        super().__init__(**kwargs)
+        self.student = student
+        self.teacher = teacher
+        self.teacher.trainable = False
+        self.temperature = float(temperature)
+
+    def call(self, inputs, training=None):
+        return self.student(inputs, training=training)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        if y_pred is None:
+            y_pred = self.student(x, training=training)
+        teacher_logits = ops.stop_gradient(self.teacher(x, training=False))
+        t = self.temperature
+        teacher_log_probs = ops.log_softmax(teacher_logits / t, axis=-1)
+        student_log_probs = ops.log_softmax(y_pred / t, axis=-1)
+        kl = ops.sum(ops.exp(teacher_log_probs) * (teacher_log_probs - student_log_probs), axis=-1)
+        return ops.mean(kl) * (t * t)
+
+
+def dense_flops(model) -> int:
+    """Forward-pass FLOPs per example of an MLP: 2 * fan_in * fan_out per Dense layer (biases and
+    activations, O(width), are left out)."""
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Dense):
+            total += 2 * int(np.prod(layer.kernel.shape))
+    return total
+
+
+def _student(settings, source=None, name="student"):
+    student = mlp(settings.input_dim, settings.student_hidden, settings.num_classes, name=name, seed=settings.seed + 100)
+    if source is not None:
+        student.set_weights(source.get_weights())
+    return student
+
+
+def _compile(model, settings, jit_compile=False, **kwargs):
+    model.compile(
+        optimizer=keras.optimizers.Adam(settings.learning_rate),
+        steps_per_execution=settings.steps_per_execution,
+        jit_compile=jit_compile,
+        **kwargs,
+    )
+    return model
+
+
+def _variant(kind, settings, teacher, reference_student, jit_compile=False):
+    """Builds and compiles one variant around a fresh copy of the reference student."""
+    student = _student(settings, reference_student, name=f"student_{kind}")
+    soft = SoftTargetKL(settings.temperature)
+    if kind in ("kdtfp", "kdtfp_cached", "kdtfp_jit"):
+        model = Distiller(student, teacher, [(soft, 1.0)], name=f"distiller_{kind}")
+        return _compile(model, settings, jit_compile=jit_compile)
+    if kind == "kdtfp_dm":
+        dm = DerivativeMatching(mode="projection", num_projections=1)
+        model = Distiller(student, teacher, [(soft, 1.0), (dm, 1.0)], seed=settings.seed, name=f"distiller_{kind}")
+        return _compile(model, settings, jit_compile=jit_compile)
+    if kind == "handwritten":
+        return _compile(HandwrittenKD(student, teacher, settings.temperature, name="handwritten"), settings, jit_compile)
+    if kind == "keras_distiller":
+        model = keras.distillation.Distiller(
+            teacher=teacher,
+            student=student,
+            distillation_losses=keras.distillation.LogitsDistillation(
+                temperature=settings.temperature, loss=keras.losses.KLDivergence()
+            ),
+            student_loss_weight=0.0,  # pure soft targets, like the other variants (y is not given)
+            name="keras_distiller",
+        )
+        # `loss` is mandatory in its compile; with student_loss_weight=0 it is never evaluated.
+        return _compile(model, settings, jit_compile, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    raise ValueError(f"Unknown variant {kind!r}.")
+
+
+def _loss_on_batch(model, inputs, x):
+    """The variant's training loss on one batch, before any step (same weights everywhere)."""
+    y_pred = model.student(x, training=False)
+    return float(ops.convert_to_numpy(model.compute_loss(x=inputs, y=None, y_pred=y_pred, training=False)))
+
+
+def _warm_up(model, dataset, settings):
+    """Builds the model and traces its train function with one short `fit` (not timed)."""
+    model.fit(dataset.take(settings.steps_per_execution), epochs=1, verbose=0, shuffle=False)
+
+
+# ---------------------------------------------------------------------- the benchmark
+
+
+def _plain_dataset(x, settings):
+    return tf.data.Dataset.from_tensor_slices(x).batch(settings.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def _time_group(variants, dataset, settings, calibrate_on, log):
+    """Interleaved ms/step medians of `variants` (all on `dataset`), equal steps per block."""
+    executions = calibrate_executions(variants[calibrate_on], dataset, settings.block_seconds)
+    log(f"  {executions} executions x {settings.steps_per_execution} steps per block, {settings.repeats} repeats")
+    timers = {name: step_timer(model, dataset, executions, settings.steps_per_execution) for name, model in variants.items()}
+    return interleaved_medians(timers, settings.repeats), executions
+
+
+def run(quick: bool = False, json_path: str | None = None, verbose: bool = True) -> dict:
+    """Runs the Distiller benchmark and returns (and optionally writes) its results.
+
+    Args:
+        quick: fewer repeats and shorter blocks (< 60 s on 2 CPU cores); same models and data.
+        json_path: where to write the results as JSON (directories are created).
+        verbose: print progress and a table.
+
+    Returns:
+        A dict with the ratios (`ratio_vs_handwritten`, `ratio_vs_keras_distiller`,
+        `cache_speedup`, `dm_overhead`, `ratio_jit`, plus `*_compute_bound` /
+        `*_overhead_bound` companions), the raw medians in `times_ms` (ms per step, or ms per
+        epoch for `*_epoch`), FLOP counts, settings, versions and `goals`/`goals_met`.
+    """
+    started = time.perf_counter()
+    settings = Settings.for_run(quick)
+    log = print if verbose else (lambda *_args, **_kwargs: None)
+    keras.utils.set_random_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    x = rng.standard_normal((settings.num_examples, settings.input_dim)).astype("float32")
+    x_epoch = rng.standard_normal((settings.epoch_examples, settings.input_dim)).astype("float32")
+    x_check = x[: settings.batch_size]
+
+    big_teacher = mlp(settings.input_dim, settings.teacher_hidden, settings.num_classes, name="teacher_big", seed=settings.seed)
+    small_teacher = mlp(
+        settings.input_dim, settings.overhead_teacher_hidden, settings.num_classes, name="teacher_small", seed=settings.seed + 10
+    )
+    reference_student = _student(settings)
+    dataset = _plain_dataset(x, settings)
+    times, medians, blocks, phases = {}, {}, {}, {}
+
+    # Every model is built from the same initial student weights; their losses on one batch are
+    # compared before any of them takes a step.
+    phase = time.perf_counter()
+    overhead = {
+        kind: _variant(kind, settings, small_teacher, reference_student, jit_compile=(kind == "kdtfp_jit"))
+        for kind in ("handwritten", "kdtfp", "keras_distiller", "kdtfp_jit", "kdtfp_dm")
+    }
+    compute = {
+        kind: _variant(kind, settings, big_teacher, reference_student)
+        for kind in ("handwritten", "kdtfp", "keras_distiller", "kdtfp_dm")
+    }
+    build_start = time.perf_counter()
+    cached_dataset = teacher_cached_dataset(big_teacher, x_epoch, batch_size=settings.batch_size, shuffle=True, seed=settings.seed)
+    cache_build_ms = 1e3 * (time.perf_counter() - build_start)
+    recompute_dataset = (
+        tf.data.Dataset.from_tensor_slices(x_epoch)
+        .shuffle(len(x_epoch), seed=settings.seed, reshuffle_each_iteration=True)
+        .batch(settings.batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    cached_model = _variant("kdtfp_cached", settings, big_teacher, reference_student)
+    cached_batch = next(iter(cached_dataset.take(1)))
+    loss_checks = [
+        [_loss_on_batch(m, x_check, x_check) for k, m in overhead.items() if k != "kdtfp_dm"],
+        [_loss_on_batch(m, x_check, x_check) for k, m in compute.items() if k != "kdtfp_dm"],
+        [
+            _loss_on_batch(compute["kdtfp"], cached_batch["inputs"], cached_batch["inputs"]),
+            _loss_on_batch(cached_model, cached_batch, cached_batch["inputs"]),
+        ],
+    ]
+    phases["build"] = time.perf_counter() - phase
+
+    # 1. overhead-bound: framework overhead per step, and jit.
+    log(f"[bench distiller] overhead-bound: teacher {_arch(settings, settings.overhead_teacher_hidden)}")
+    phase = time.perf_counter()
+    for model in overhead.values():
+        _warm_up(model, dataset, settings)
+    phases["overhead_bound_warm_up"] = time.perf_counter() - phase
+    phase = time.perf_counter()
+    result, blocks["overhead_bound"] = _time_group(overhead, dataset, settings, "kdtfp", log)
+    for name, stats in result.items():
+        times[f"{name}_overhead_bound"] = stats["median"]
+        medians[f"{name}_overhead_bound"] = stats
+    phases["overhead_bound_timing"] = time.perf_counter() - phase
+
+    # 2. compute-bound: the same framework ratios, and derivative matching.
+    log(f"[bench distiller] compute-bound: teacher {_arch(settings, settings.teacher_hidden)}")
+    phase = time.perf_counter()
+    for model in compute.values():
+        _warm_up(model, dataset, settings)
+    phases["compute_bound_warm_up"] = time.perf_counter() - phase
+    phase = time.perf_counter()
+    result, blocks["compute_bound"] = _time_group(compute, dataset, settings, "kdtfp", log)
+    for name, stats in result.items():
+        times[f"{name}_compute_bound"] = stats["median"]
+        medians[f"{name}_compute_bound"] = stats
+    phases["compute_bound_timing"] = time.perf_counter() - phase
+
+    # 3. compute-bound epochs: recomputing the teacher vs teacher_cached_dataset (same Distiller
+    # class, same shuffle/batch/prefetch pipeline; the cached one also carries the outputs).
+    log("[bench distiller] epochs: recompute the teacher vs teacher_cached_dataset")
+    phase = time.perf_counter()
+    _warm_up(cached_model, cached_dataset, settings)
+    executions = math.ceil(settings.epoch_examples / settings.batch_size / settings.steps_per_execution)
+    timers = {
+        "kdtfp_recompute_epoch": epoch_timer(compute["kdtfp"], recompute_dataset, executions),
+        "kdtfp_cached_epoch": epoch_timer(cached_model, cached_dataset, executions),
+    }
+    for name, stats in interleaved_medians(timers, settings.repeats).items():
+        times[name] = stats["median"]
+        medians[name] = stats
+    times["cache_build"] = cache_build_ms
+    phases["epochs"] = time.perf_counter() - phase
+
+    # 4. ratios.
+    ratios = {
+        "ratio_vs_handwritten": times["kdtfp_overhead_bound"] / times["handwritten_overhead_bound"],
+        "ratio_vs_keras_distiller": times["kdtfp_overhead_bound"] / times["keras_distiller_overhead_bound"],
+        "cache_speedup": times["kdtfp_recompute_epoch"] / times["kdtfp_cached_epoch"],
+        "dm_overhead": times["kdtfp_dm_compute_bound"] / times["kdtfp_compute_bound"],
+        "ratio_jit": times["kdtfp_jit_overhead_bound"] / times["kdtfp_overhead_bound"],
+        "ratio_vs_handwritten_compute_bound": times["kdtfp_compute_bound"] / times["handwritten_compute_bound"],
+        "ratio_vs_keras_distiller_compute_bound": times["kdtfp_compute_bound"] / times["keras_distiller_compute_bound"],
+        "dm_overhead_overhead_bound": times["kdtfp_dm_overhead_bound"] / times["kdtfp_overhead_bound"],
+    }
+    saved_per_epoch = times["kdtfp_recompute_epoch"] - times["kdtfp_cached_epoch"]
+    loss_diff = max(max(group) - min(group) for group in loss_checks)
+
+    output = {
+        "benchmark": "distiller",
+        "quick": bool(quick),
+        **ratios,
+        "goals": {name: f"{op} {value}" for name, (op, value) in GOALS.items()},
+        "goals_met": {name: bool(ratios[name] <= value if op == "<=" else ratios[name] >= value) for name, (op, value) in GOALS.items()},
+        "times_ms": times,
+        "timing_samples_ms": {name: stats["samples"] for name, stats in medians.items()},
+        "cache_break_even_epochs": cache_build_ms / saved_per_epoch if saved_per_epoch > 0 else float("inf"),
+        "teacher_flops_per_example": dense_flops(big_teacher),
+        "overhead_teacher_flops_per_example": dense_flops(small_teacher),
+        "student_flops_per_example": dense_flops(reference_student),
+        "loss_check_max_abs_diff": loss_diff,
+        "settings": {
+            **{key: list(value) if isinstance(value, tuple) else value for key, value in asdict(settings).items()},
+            "executions_per_block": blocks,
+            "epoch_steps": math.ceil(settings.epoch_examples / settings.batch_size),
+            "optimizer": "Adam",
+            "data": "synthetic N(0, I) inputs",
+            "jit_compile": False,
+            "jit_compile_note": "jit_compile=False for every variant except kdtfp_jit (True), timed for ratio_jit",
+            "device": "CPU" if not tf.config.list_physical_devices("GPU") else "GPU",
+            "cpu_count": os.cpu_count(),
+        },
+        "keras_version": keras.__version__,
+        "tf_version": tf.__version__,
+        "kdtfp_version": kdtfp.__version__,
+        "phase_seconds": phases,
+        "seconds": time.perf_counter() - started,
+    }
+    if verbose:
+        print(format_table(output))
+    if json_path:
+        directory = os.path.dirname(os.path.abspath(json_path))
+        os.makedirs(directory, exist_ok=True)
+        with open(json_path, "w") as handle:
+            json.dump(output, handle, indent=2)
+    return output
+
+
+def _arch(settings, hidden):
+    return "-".join(str(width) for width in (settings.input_dim, *hidden, settings.num_classes))
+
+
+def format_table(output: dict) -> str:
+    """A readable summary of `run`'s result."""
+    settings = output["settings"]
+    times = output["times_ms"]
+    lines = [
+        f"kdtfp bench distiller  (keras {output['keras_version']}, tf {output['tf_version']}, "
+        f"{settings['device']} x{settings['cpu_count']}, batch {settings['batch_size']}, "
+        f"steps_per_execution {settings['steps_per_execution']}, repeats {settings['repeats']}, jit off unless noted)",
+        f"student {_arch_from(settings, settings['student_hidden'])}: {output['student_flops_per_example']:,} FLOPs/example; "
+        f"teacher {_arch_from(settings, settings['teacher_hidden'])}: {output['teacher_flops_per_example']:,} "
+        f"(compute-bound), {_arch_from(settings, settings['overhead_teacher_hidden'])}: "
+        f"{output['overhead_teacher_flops_per_example']:,} (overhead-bound)",
+        "",
+        f"{'variant':<22}{'overhead-bound ms/step':>24}{'compute-bound ms/step':>24}",
+    ]
+    for name in ("handwritten", "kdtfp", "keras_distiller", "kdtfp_jit", "kdtfp_dm"):
+        a = times.get(f"{name}_overhead_bound")
+        b = times.get(f"{name}_compute_bound")
+        lines.append(f"{name:<22}{_fmt(a):>24}{_fmt(b):>24}")
+    lines += [
+        "",
+        f"epoch of {settings['epoch_steps']} steps: recompute teacher {times['kdtfp_recompute_epoch']:.1f} ms, "
+        f"cached {times['kdtfp_cached_epoch']:.1f} ms; building the cache {times['cache_build']:.1f} ms "
+        f"(pays back after {output['cache_break_even_epochs']:.2f} epochs)",
+        "",
+        f"{'ratio':<40}{'value':>8}  goal",
+    ]
+    for name in ("ratio_vs_handwritten", "ratio_vs_keras_distiller", "cache_speedup", "dm_overhead"):
+        met = "met" if output["goals_met"][name] else "MISSED"
+        lines.append(f"{name:<40}{output[name]:>8.3f}  {output['goals'][name]} ({met})")
+    for name in (
+        "ratio_jit",
+        "ratio_vs_handwritten_compute_bound",
+        "ratio_vs_keras_distiller_compute_bound",
+        "dm_overhead_overhead_bound",
+    ):
+        lines.append(f"{name:<40}{output[name]:>8.3f}  (information)")
+    lines.append(f"loss check (max |difference| between variants): {output['loss_check_max_abs_diff']:.2e}")
+    phases = ", ".join(f"{name} {seconds:.1f}" for name, seconds in output["phase_seconds"].items())
+    lines.append(f"total {output['seconds']:.1f} s ({phases})")
+    return "\n".join(lines)
+
+
+def _arch_from(settings, hidden):
+    return "-".join(str(width) for width in (settings["input_dim"], *hidden, settings["num_classes"]))
+
+
+def _fmt(value):
+    return "-" if value is None else f"{value:.3f}"

@@ -1,0 +1,28 @@
+"""Recipes: one module per reproduction, data -> teacher -> student -> metrics -> export.
+
+Each module defines `NAME`, `DESCRIPTION` and `run(config: RunConfig) -> Result`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from kdtfp.recipes.base import Result, RunConfig, write_result
+
+#: recipe name -> (module path, one-line description). Recipes are imported on demand.
+RECIPES = {
+    "ensemble-compression": (
+        "kdtfp.recipes.ensemble_compression",
+        "bagged MLP ensemble -> 64-16-10 MLP with/without derivative matching, vs transfer-set size (digits)",
+    ),
+}
+
+
+def get(name):
+    """The recipe module called `name`."""
+    if name not in RECIPES:
+        raise ValueError(f"Unknown recipe {name!r}; available: {', '.join(sorted(RECIPES))} (or 'all').")
+    return importlib.import_module(RECIPES[name][0])
+
+
+__all__ = ["RECIPES", "Result", "RunConfig", "get", "write_result"]

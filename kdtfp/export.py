@@ -78,10 +78,15 @@ def export_student(model_or_distiller, path, endpoints=None, input_signature=Non
     archive.add_endpoint("serve", lambda inputs: tf.nn.softmax(logits(inputs), axis=-1), input_signature=[spec])
     extra = dict(student.export_endpoints()) if hasattr(student, "export_endpoints") else {}
     for name, function in (endpoints or {}).items():
-        extra[name] = lambda inputs, function=function: function(student, inputs)
+        extra[name] = _bound(student, function)
     for name, function in extra.items():
         if name in ("serve", "logits"):
             raise ValueError(f"Endpoint name {name!r} is reserved.")
         archive.add_endpoint(name, function, input_signature=[spec])
     archive.write_out(path, verbose=False)
     return path
+
+
+def _bound(student, function):
+    # A closure, not a default argument: tf.function would put the default into the signature.
+    return lambda inputs: function(student, inputs)

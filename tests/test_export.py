@@ -222,15 +222,6 @@ def test_extra_endpoints_from_the_students_export_endpoints_method(tmp_path):
     np.testing.assert_allclose(loaded.serve(x).numpy(), _softmax(logits), atol=ATOL)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: kdtfp/export.py binds each `endpoints=` function as `lambda inputs, function=function: ...`; "
-        "tf.function puts the default argument into the endpoint's signature and write_out fails with "
-        "NotEncodableError (UnknownArgument). Fix: bind with a closure factory, "
-        "`extra[name] = _bound(student, function)`."
-    ),
-)
 def test_extra_endpoints_from_the_endpoints_argument(tmp_path):
     student = _functional_student_with_endpoints()
     path = export_student(

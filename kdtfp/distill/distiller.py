@@ -119,7 +119,10 @@ class Distiller(keras.Model):
         self.seed_generator = keras.random.SeedGenerator(seed)
         self._check_output_shapes()
         self._build_feature_extractors()
-        self.term_trackers = [keras.metrics.Mean(name=term) for term in self.term_names]
+        # One metric per active term (no `student_loss` metric without a student loss).
+        self.term_trackers = [keras.metrics.Mean(name=o.name) for o in self.objectives]
+        if self.student_loss is not None:
+            self.term_trackers.append(keras.metrics.Mean(name=STUDENT_LOSS))
 
     # ------------------------------------------------------------------ construction helpers
 
@@ -217,6 +220,9 @@ class Distiller(keras.Model):
             teacher_outputs = ops.stop_gradient(teacher_outputs)
             _check_same_shape(tuple(teacher_outputs.shape), tuple(y_pred.shape))
 
+        # Terms are averaged over an epoch weighted by batch size, as Keras does for `loss`, so
+        # that `loss` equals the weighted sum of the reported terms.
+        batch_size = ops.shape(tf.nest.flatten(x)[0])[0]
         total = ops.zeros((), dtype="float32")
         feature_position = 0
         for index, objective in enumerate(self.objectives):
@@ -231,12 +237,12 @@ class Distiller(keras.Model):
             else:
                 value = objective.loss(teacher_outputs, y_pred, sample_weight)
             total = total + ops.cast(self.term_weights[index], "float32") * ops.cast(value, "float32")
-            self.term_trackers[index].update_state(unscale_loss_for_distribution(value))
+            self.term_trackers[index].update_state(unscale_loss_for_distribution(value), sample_weight=batch_size)
 
         if self.student_loss is not None and y is not None:
             value = self.student_loss(y, y_pred, sample_weight)
             total = total + ops.cast(self.term_weights[-1], "float32") * ops.cast(value, "float32")
-            self.term_trackers[-1].update_state(unscale_loss_for_distribution(value))
+            self.term_trackers[-1].update_state(unscale_loss_for_distribution(value), sample_weight=batch_size)
 
         for loss in self.student.losses:
             total = total + ops.cast(self._aggregate_additional_loss(loss), "float32")

@@ -8,7 +8,7 @@ import tensorflow as tf
 from kdtfp.distill.distiller import INPUTS, TEACHER_OUTPUTS
 
 
-def teacher_outputs(teacher, x, batch_size=256):
+def teacher_outputs(teacher, x, batch_size=1024):
     """The teacher's outputs on `x` as a NumPy array, computed in batches with `training=False`."""
     x = np.asarray(x)
     if len(x) == 0:
@@ -17,7 +17,7 @@ def teacher_outputs(teacher, x, batch_size=256):
     return np.concatenate(outputs, axis=0)
 
 
-def teacher_cached_dataset(teacher, x, y=None, batch_size=32, shuffle=True, seed=None, outputs_batch_size=256):
+def teacher_cached_dataset(teacher, x, y=None, batch_size=32, shuffle=True, seed=None, outputs_batch_size=1024):
     """A `tf.data.Dataset` of `({"inputs": x, "teacher_outputs": t}, y)` batches.
 
     For a frozen teacher and a fixed transfer set the teacher's outputs never change, so they are

@@ -214,6 +214,14 @@ class Distiller(keras.Model):
             student_features = self.student_features(x, training=training)
             if teacher_outputs is None:
                 teacher_outputs = teacher_features[0]
+        # Derivative terms first: their tape runs the teacher forward on x already, so output
+        # objectives reuse those logits instead of running the teacher a second time.
+        derivative_values = {}
+        for index, objective in enumerate(self.objectives):
+            if objective.uses_input_gradients:
+                derivative_values[index], tape_teacher_outputs = self._derivative_term(objective, x, sample_weight, training)
+                if teacher_outputs is None:
+                    teacher_outputs = tape_teacher_outputs
         if needs_outputs and teacher_outputs is None:
             teacher_outputs = self.teacher(x, training=False)
         if teacher_outputs is not None:
@@ -227,7 +235,7 @@ class Distiller(keras.Model):
         feature_position = 0
         for index, objective in enumerate(self.objectives):
             if objective.uses_input_gradients:
-                value = self._derivative_term(objective, x, sample_weight, training)
+                value = derivative_values[index]
             elif objective.uses_features:
                 feature_position += 1
                 student_feature = student_features[feature_position]
@@ -249,6 +257,7 @@ class Distiller(keras.Model):
         return total
 
     def _derivative_term(self, objective, x, sample_weight, training):
+        """Returns `(derivative-matching loss, teacher logits on x)`."""
         loss = objective.loss
         x = ops.cast(x, "float32")
         directions = None
@@ -258,15 +267,18 @@ class Distiller(keras.Model):
                 num_classes = self.student(x[:1], training=False).shape[-1]
             directions = loss.directions(tf.shape(x)[0], num_classes, self.seed_generator.next())
 
+        teacher_logits = []
+
         def teacher_log_probs(inputs):
-            return ops.log_softmax(ops.cast(self.teacher(inputs, training=False), "float32"), axis=-1)
+            teacher_logits.append(self.teacher(inputs, training=False))
+            return ops.log_softmax(ops.cast(teacher_logits[-1], "float32"), axis=-1)
 
         def student_log_probs(inputs):
             return ops.log_softmax(ops.cast(self.student(inputs, training=training), "float32"), axis=-1)
 
         teacher_rows = ops.stop_gradient(loss.input_gradient_rows(teacher_log_probs, x, directions))
         student_rows = loss.input_gradient_rows(student_log_probs, x, directions)
-        return loss(teacher_rows, student_rows, sample_weight)
+        return loss(teacher_rows, student_rows, sample_weight), teacher_logits[0]
 
     # ------------------------------------------------------------------ fit with input checks
 

@@ -62,7 +62,9 @@ def stack_problems() -> list[str]:
 
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")
     if backend != "tensorflow":
-        problems.append(f"KERAS_BACKEND={backend!r}; kdtfp runs on the TensorFlow backend: unset it.")
+        problems.append(
+            f"KERAS_BACKEND={backend!r}; kdtfp runs on the TensorFlow backend: unset it."
+        )
     if "TF_USE_LEGACY_KERAS" in os.environ and os.environ["TF_USE_LEGACY_KERAS"] not in ("", "0"):
         problems.append("TF_USE_LEGACY_KERAS is set; kdtfp needs Keras 3: unset it.")
     return problems

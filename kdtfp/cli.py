@@ -1,10 +1,10 @@
 """The `kdtfp` command: list recipes, run them, benchmark.
 
-    kdtfp list
-    kdtfp run RECIPE [--quick] [--seed N] [--out DIR] [--json PATH]
-                     [--strategy default|mirrored] [--devices N] [--jit]
-    kdtfp run all --quick
-    kdtfp bench NAME [--json PATH] [--quick]
+kdtfp list
+kdtfp run RECIPE [--quick] [--seed N] [--out DIR] [--json PATH]
+                 [--strategy default|mirrored] [--devices N] [--jit]
+kdtfp run all --quick
+kdtfp bench NAME [--json PATH] [--quick]
 """
 
 from __future__ import annotations
@@ -19,13 +19,17 @@ BENCHMARKS = {"distiller": "kdtfp.bench.distiller"}
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="kdtfp", description="Distil teacher networks into probabilistic students.")
+    parser = argparse.ArgumentParser(
+        prog="kdtfp", description="Distil teacher networks into probabilistic students."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="list the recipes")
 
     run = commands.add_parser("run", help="run a recipe (or 'all')")
     run.add_argument("recipe")
-    run.add_argument("--quick", action="store_true", help="CI scale: under 90 s per recipe on 2 CPU cores")
+    run.add_argument(
+        "--quick", action="store_true", help="CI scale: under 90 s per recipe on 2 CPU cores"
+    )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--out", default=None, help="output folder (default saved_models/RECIPE)")
     run.add_argument("--json", default=None, help="also write the result record here")
@@ -68,7 +72,10 @@ def _summary(results):
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        for row in rows
+    ]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
 
@@ -88,16 +95,34 @@ def _run(args):
     results = []
     for name in names:
         module = recipes.get(name)
-        out = args.out if (args.out and len(names) == 1) else os.path.join(args.out or "saved_models", name)
-        config = recipes.RunConfig(quick=args.quick, seed=args.seed, out=out, strategy=strategy, jit=args.jit, verbose=0 if args.quiet else 1)
+        out = (
+            args.out
+            if (args.out and len(names) == 1)
+            else os.path.join(args.out or "saved_models", name)
+        )
+        config = recipes.RunConfig(
+            quick=args.quick,
+            seed=args.seed,
+            out=out,
+            strategy=strategy,
+            jit=args.jit,
+            verbose=0 if args.quiet else 1,
+        )
         keras.utils.set_random_seed(args.seed)
         start = time.perf_counter()
         result = module.run(config)
         result.seconds = time.perf_counter() - start
-        result.settings.update(strategy=args.strategy, replicas=strategy.num_replicas_in_sync, jit=args.jit, quick=args.quick)
+        result.settings.update(
+            strategy=args.strategy,
+            replicas=strategy.num_replicas_in_sync,
+            jit=args.jit,
+            quick=args.quick,
+        )
         json_path = args.json if len(names) == 1 else None
         metrics_path = recipes.write_result(result, out, json_path)
-        config.log(f"[{name}] done in {result.seconds:.0f} s: metrics {metrics_path}, export {result.export_path}")
+        config.log(
+            f"[{name}] done in {result.seconds:.0f} s: metrics {metrics_path}, export {result.export_path}"
+        )
         results.append(result)
     print(_summary(results))
     if args.json and len(names) > 1:

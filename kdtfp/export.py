@@ -15,7 +15,9 @@ def _student_of(model_or_distiller):
         return model_or_distiller.student
     if isinstance(model_or_distiller, keras.Model):
         return model_or_distiller
-    raise ValueError(f"`model_or_distiller` must be a keras.Model or kdtfp.Distiller, got {type(model_or_distiller).__name__}.")
+    raise ValueError(
+        f"`model_or_distiller` must be a keras.Model or kdtfp.Distiller, got {type(model_or_distiller).__name__}."
+    )
 
 
 def _input_spec(student, input_signature):
@@ -26,7 +28,9 @@ def _input_spec(student, input_signature):
     except (AttributeError, ValueError):
         inputs = None
     if inputs and len(inputs) == 1:
-        return tf.TensorSpec((None,) + tuple(inputs[0].shape[1:]), inputs[0].dtype or "float32", name="inputs")
+        return tf.TensorSpec(
+            (None,) + tuple(inputs[0].shape[1:]), inputs[0].dtype or "float32", name="inputs"
+        )
     raise ValueError(
         "`input_signature` is needed: the student has no symbolic input (subclassed model). Pass e.g. "
         "`input_signature=tf.TensorSpec([None, 64], tf.float32)`."
@@ -75,7 +79,9 @@ def export_student(model_or_distiller, path, endpoints=None, input_signature=Non
         return tf.cast(student(inputs, training=False), tf.float32)
 
     archive.add_endpoint("logits", logits, input_signature=[spec])
-    archive.add_endpoint("serve", lambda inputs: tf.nn.softmax(logits(inputs), axis=-1), input_signature=[spec])
+    archive.add_endpoint(
+        "serve", lambda inputs: tf.nn.softmax(logits(inputs), axis=-1), input_signature=[spec]
+    )
     extra = dict(student.export_endpoints()) if hasattr(student, "export_endpoints") else {}
     for name, function in (endpoints or {}).items():
         extra[name] = _bound(student, function)

@@ -73,12 +73,16 @@ class TemperatureSchedule(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         value = float(self.schedule(epoch))
-        if not value > 0:
-            raise ValueError(f"TemperatureSchedule: `temperature` must be > 0, schedule gave {value} at epoch {epoch}.")
+        if not 0 < value < float("inf"):
+            raise ValueError(
+                f"TemperatureSchedule: `temperature` must be > 0, schedule gave {value} at epoch {epoch}."
+            )
         _distiller(self.model).temperature_variable(self.objective).assign(value)
         if self.verbose:
             print(f"Epoch {epoch + 1}: temperature of {self.objective!r} = {value:.4g}")
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
-            logs[f"{self.objective}_temperature"] = float(self.model.temperature_variable(self.objective).numpy())
+            logs[f"{self.objective}_temperature"] = float(
+                self.model.temperature_variable(self.objective).numpy()
+            )

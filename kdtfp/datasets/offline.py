@@ -41,7 +41,9 @@ def load_digits_split(num_train=1200, num_val=197, seed=0) -> Split:
     x = (data.data / 16.0).astype("float32")
     y = data.target.astype("int32")
     if num_train + num_val >= len(x):
-        raise ValueError(f"`num_train` + `num_val` must leave test images; got {num_train} + {num_val} >= {len(x)}.")
+        raise ValueError(
+            f"`num_train` + `num_val` must leave test images; got {num_train} + {num_val} >= {len(x)}."
+        )
     order = np.random.default_rng(seed).permutation(len(x))
     train, val, test = np.split(order, [num_train, num_train + num_val])
     return Split(x[train], y[train], x[val], y[val], x[test], y[test])

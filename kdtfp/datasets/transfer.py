@@ -14,8 +14,15 @@ def _check(x, n, argument="n"):
     if len(x) == 0:
         raise ValueError("`x` is empty: a transfer set is drawn from at least one example.")
     if int(n) < 1:
-        raise ValueError(f"`{argument}` must be >= 1, got {n}: an empty transfer set cannot teach anything.")
+        raise ValueError(
+            f"`{argument}` must be >= 1, got {n}: an empty transfer set cannot teach anything."
+        )
     return x
+
+
+def _float_dtype(x):
+    # Integer inputs (counts, binarised pixels) would round the noise away.
+    return x.dtype if np.issubdtype(x.dtype, np.floating) else np.dtype("float32")
 
 
 def subset(x, n, seed=0, y=None):
@@ -38,10 +45,13 @@ def gaussian_noise(x, copies=10, sigma=0.4, seed=0, clip=None):
     if not sigma > 0:
         raise ValueError(f"`sigma` must be > 0, got {sigma}.")
     rng = np.random.default_rng(seed)
-    noisy = np.repeat(x, int(copies), axis=0) + sigma * rng.standard_normal((len(x) * int(copies),) + x.shape[1:])
+    dtype = _float_dtype(x)
+    noisy = np.repeat(x, int(copies), axis=0) + sigma * rng.standard_normal(
+        (len(x) * int(copies),) + x.shape[1:]
+    )
     if clip is not None:
         noisy = np.clip(noisy, *clip)
-    return noisy.astype(x.dtype)
+    return noisy.astype(dtype)
 
 
 def pixel_kde(x, n, bandwidth=0.1, seed=0, clip=None):
@@ -57,10 +67,12 @@ def pixel_kde(x, n, bandwidth=0.1, seed=0, clip=None):
     rng = np.random.default_rng(seed)
     flat = x.reshape(len(x), -1)
     rows = rng.integers(0, len(x), size=(int(n), flat.shape[1]))
-    samples = flat[rows, np.arange(flat.shape[1])] + bandwidth * rng.standard_normal((int(n), flat.shape[1]))
+    samples = flat[rows, np.arange(flat.shape[1])] + bandwidth * rng.standard_normal(
+        (int(n), flat.shape[1])
+    )
     if clip is not None:
         samples = np.clip(samples, *clip)
-    return samples.reshape((int(n),) + x.shape[1:]).astype(x.dtype)
+    return samples.reshape((int(n),) + x.shape[1:]).astype(_float_dtype(x))
 
 
 def gaussian_inputs(n, shape, mean=0.0, std=1.0, seed=0):

@@ -13,11 +13,16 @@ def teacher_outputs(teacher, x, batch_size=1024):
     x = np.asarray(x)
     if len(x) == 0:
         raise ValueError("`x` is empty: the transfer set needs at least one example.")
-    outputs = [np.asarray(teacher(x[start : start + batch_size], training=False)) for start in range(0, len(x), batch_size)]
+    outputs = [
+        np.asarray(teacher(x[start : start + batch_size], training=False))
+        for start in range(0, len(x), batch_size)
+    ]
     return np.concatenate(outputs, axis=0)
 
 
-def teacher_cached_dataset(teacher, x, y=None, batch_size=32, shuffle=True, seed=None, outputs_batch_size=1024):
+def teacher_cached_dataset(
+    teacher, x, y=None, batch_size=32, shuffle=True, seed=None, outputs_batch_size=1024
+):
     """A `tf.data.Dataset` of `({"inputs": x, "teacher_outputs": t}, y)` batches.
 
     For a frozen teacher and a fixed transfer set the teacher's outputs never change, so they are

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -86,15 +88,23 @@ class Distiller(keras.Model):
         if not isinstance(teacher, keras.Model):
             raise ValueError(f"`teacher` must be a keras.Model, got {type(teacher).__name__}.")
         if student is teacher:
-            raise ValueError("`student` and `teacher` are the same model: the student must be a separate model.")
+            raise ValueError(
+                "`student` and `teacher` are the same model: the student must be a separate model."
+            )
         if objectives is None:
             objectives = []
-        single_pair = isinstance(objectives, (list, tuple)) and len(objectives) == 2 and isinstance(objectives[1], (int, float))
+        single_pair = (
+            isinstance(objectives, (list, tuple))
+            and len(objectives) == 2
+            and isinstance(objectives[1], (int, float))
+        )
         if not isinstance(objectives, (list, tuple)) or single_pair:
             objectives = [objectives]
         objectives = [as_objective(item) for item in objectives]
         if not objectives and student_loss is None:
-            raise ValueError("`objectives` is empty and there is no `student_loss`: there is nothing to train.")
+            raise ValueError(
+                "`objectives` is empty and there is no `student_loss`: there is nothing to train."
+            )
         names = [objective.name for objective in objectives]
         if len(set(names)) != len(names) or STUDENT_LOSS in names:
             raise ValueError(
@@ -113,7 +123,9 @@ class Distiller(keras.Model):
         self.term_weights = self.add_weight(
             name="term_weights",
             shape=(len(self.term_names),),
-            initializer=keras.initializers.Constant([o.weight for o in self.objectives] + [self.student_loss_weight]),
+            initializer=keras.initializers.Constant(
+                [o.weight for o in self.objectives] + [self.student_loss_weight]
+            ),
             trainable=False,
         )
         self.seed_generator = keras.random.SeedGenerator(seed)
@@ -130,7 +142,9 @@ class Distiller(keras.Model):
         """Puts a tempered loss's temperature into a variable of this model (for schedules)."""
         if not hasattr(objective.loss, "temperature"):
             return objective
-        objective = DistillationObjective.from_config(objective.get_config())  # do not mutate the caller's loss
+        objective = DistillationObjective.from_config(
+            objective.get_config()
+        )  # do not mutate the caller's loss
         objective.loss.temperature = self.add_weight(
             name=f"{objective.name}_temperature",
             shape=(),
@@ -146,7 +160,11 @@ class Distiller(keras.Model):
             _check_same_shape(teacher_shape, student_shape)
         student_input = _static_input_shape(self.student)
         teacher_input = _static_input_shape(self.teacher)
-        if student_input is not None and teacher_input is not None and student_input[1:] != teacher_input[1:]:
+        if (
+            student_input is not None
+            and teacher_input is not None
+            and student_input[1:] != teacher_input[1:]
+        ):
             raise ValueError(
                 f"`teacher` and `student` take inputs of different shapes: teacher {teacher_input}, "
                 f"student {student_input}. They must read the same x."
@@ -160,13 +178,22 @@ class Distiller(keras.Model):
         self._projection_index = {}
         if not feature_objectives:
             return
-        self.teacher_features = _feature_extractor(self.teacher, [o.teacher_layer for o in feature_objectives], "teacher")
-        self.student_features = _feature_extractor(self.student, [o.student_layer for o in feature_objectives], "student")
+        self.teacher_features = _feature_extractor(
+            self.teacher, [o.teacher_layer for o in feature_objectives], "teacher"
+        )
+        self.student_features = _feature_extractor(
+            self.student, [o.student_layer for o in feature_objectives], "student"
+        )
         for objective in feature_objectives:
             if objective.projection:
                 width = self.teacher.get_layer(objective.teacher_layer).output.shape[-1]
                 self._projection_index[objective.name] = len(self.projections)
-                self.projections.append(keras.layers.Dense(width, use_bias=False, name=f"{objective.name}_projection"))
+                projection = keras.layers.Dense(
+                    width, use_bias=False, name=f"{objective.name}_projection"
+                )
+                # Built now, not at the first step, so a loaded model restores its kernel.
+                projection.build(self.student.get_layer(objective.student_layer).output.shape)
+                self.projections.append(projection)
 
     # ------------------------------------------------------------------ weights of the terms
 
@@ -207,7 +234,9 @@ class Distiller(keras.Model):
         if y_pred is None:
             y_pred = self.student(x, training=training)
 
-        needs_outputs = any(not o.uses_features and not o.uses_input_gradients for o in self.objectives)
+        needs_outputs = any(
+            not o.uses_features and not o.uses_input_gradients for o in self.objectives
+        )
         teacher_features = student_features = None
         if self.teacher_features is not None:
             teacher_features = self.teacher_features(x, training=False)
@@ -219,7 +248,9 @@ class Distiller(keras.Model):
         derivative_values = {}
         for index, objective in enumerate(self.objectives):
             if objective.uses_input_gradients:
-                derivative_values[index], tape_teacher_outputs = self._derivative_term(objective, x, sample_weight, training)
+                derivative_values[index], tape_teacher_outputs = self._derivative_term(
+                    objective, x, sample_weight, training
+                )
                 if teacher_outputs is None:
                     teacher_outputs = tape_teacher_outputs
         if needs_outputs and teacher_outputs is None:
@@ -240,17 +271,33 @@ class Distiller(keras.Model):
                 feature_position += 1
                 student_feature = student_features[feature_position]
                 if objective.name in self._projection_index:
-                    student_feature = self.projections[self._projection_index[objective.name]](student_feature)
-                value = objective.loss(ops.stop_gradient(teacher_features[feature_position]), student_feature, sample_weight)
+                    student_feature = self.projections[self._projection_index[objective.name]](
+                        student_feature
+                    )
+                value = objective.loss(
+                    ops.stop_gradient(teacher_features[feature_position]),
+                    student_feature,
+                    sample_weight,
+                )
             else:
                 value = objective.loss(teacher_outputs, y_pred, sample_weight)
-            total = total + ops.cast(self.term_weights[index], "float32") * ops.cast(value, "float32")
-            self.term_trackers[index].update_state(unscale_loss_for_distribution(value), sample_weight=batch_size)
+            total = total + ops.cast(self.term_weights[index], "float32") * ops.cast(
+                value, "float32"
+            )
+            self.term_trackers[index].update_state(
+                unscale_loss_for_distribution(value), sample_weight=batch_size
+            )
 
-        if self.student_loss is not None and y is not None:
+        if self.student_loss is not None:
+            if y is None:
+                raise ValueError(
+                    "`student_loss` needs labels: call fit(x, y) or drop `student_loss`."
+                )
             value = self.student_loss(y, y_pred, sample_weight)
             total = total + ops.cast(self.term_weights[-1], "float32") * ops.cast(value, "float32")
-            self.term_trackers[-1].update_state(unscale_loss_for_distribution(value), sample_weight=batch_size)
+            self.term_trackers[-1].update_state(
+                unscale_loss_for_distribution(value), sample_weight=batch_size
+            )
 
         for loss in self.student.losses:
             total = total + ops.cast(self._aggregate_additional_loss(loss), "float32")
@@ -262,7 +309,9 @@ class Distiller(keras.Model):
         x = ops.cast(x, "float32")
         directions = None
         if loss.mode == "projection":
-            num_classes = self.student.output.shape[-1] if _has_symbolic_output(self.student) else None
+            num_classes = (
+                self.student.output.shape[-1] if _has_symbolic_output(self.student) else None
+            )
             if num_classes is None:
                 num_classes = self.student(x[:1], training=False).shape[-1]
             directions = loss.directions(tf.shape(x)[0], num_classes, self.seed_generator.next())
@@ -274,13 +323,31 @@ class Distiller(keras.Model):
             return ops.log_softmax(ops.cast(teacher_logits[-1], "float32"), axis=-1)
 
         def student_log_probs(inputs):
-            return ops.log_softmax(ops.cast(self.student(inputs, training=training), "float32"), axis=-1)
+            return ops.log_softmax(
+                ops.cast(self.student(inputs, training=training), "float32"), axis=-1
+            )
 
         teacher_rows = ops.stop_gradient(loss.input_gradient_rows(teacher_log_probs, x, directions))
         student_rows = loss.input_gradient_rows(student_log_probs, x, directions)
         return loss(teacher_rows, student_rows, sample_weight), teacher_logits[0]
 
-    # ------------------------------------------------------------------ fit with input checks
+    # ------------------------------------------------------------------ compile and fit
+
+    def compile(self, *args, steps_per_execution=1, **kwargs):
+        """`keras.Model.compile`; `steps_per_execution` falls back to 1 on several replicas.
+
+        That works around a Keras 3 bug under `MirroredStrategy` (keras-team/keras#19246).
+        """
+        from kdtfp.distribute import safe_steps_per_execution
+
+        safe = safe_steps_per_execution(steps_per_execution, self.distribute_strategy)
+        if safe != steps_per_execution:
+            warnings.warn(
+                f"steps_per_execution={steps_per_execution} fails under a {self.distribute_strategy.num_replicas_in_sync}-replica "
+                "strategy in Keras 3 (keras-team/keras#19246); using 1.",
+                stacklevel=2,
+            )
+        super().compile(*args, steps_per_execution=safe, **kwargs)
 
     def fit(self, x=None, y=None, *args, **kwargs):
         """`keras.Model.fit`, after checking array inputs are non-empty and finite."""
@@ -296,7 +363,9 @@ class Distiller(keras.Model):
             "student": keras.saving.serialize_keras_object(self.student),
             "teacher": keras.saving.serialize_keras_object(self.teacher),
             "objectives": [keras.saving.serialize_keras_object(o) for o in self.objectives],
-            "student_loss": keras.saving.serialize_keras_object(self.student_loss) if self.student_loss else None,
+            "student_loss": keras.saving.serialize_keras_object(self.student_loss)
+            if self.student_loss
+            else None,
             "student_loss_weight": self.student_loss_weight,
             "seed": self.seed,
         }
@@ -307,7 +376,9 @@ class Distiller(keras.Model):
         for key in ("student", "teacher", "student_loss"):
             if config.get(key) is not None:
                 config[key] = keras.saving.deserialize_keras_object(config[key])
-        config["objectives"] = [keras.saving.deserialize_keras_object(o) for o in config["objectives"]]
+        config["objectives"] = [
+            keras.saving.deserialize_keras_object(o) for o in config["objectives"]
+        ]
         return cls(**config)
 
 
@@ -358,7 +429,9 @@ def _feature_extractor(model, layer_names, role):
             outputs.append(model.get_layer(layer_name).output)
         except ValueError:
             names = [layer.name for layer in model.layers]
-            raise ValueError(f"`{role}_layer`={layer_name!r} is not a layer of the {role}; its layers: {names}.") from None
+            raise ValueError(
+                f"`{role}_layer`={layer_name!r} is not a layer of the {role}; its layers: {names}."
+            ) from None
     return keras.Model(model.inputs, outputs, name=f"{model.name}_features")
 
 
@@ -380,4 +453,6 @@ def _check_arrays(data, argument):
             raise ValueError(f"`{argument}` is empty: the transfer set needs at least one example.")
         if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
             bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-            raise ValueError(f"`{argument}` contains {bad} NaN/Inf values; clean the data before distilling.")
+            raise ValueError(
+                f"`{argument}` contains {bad} NaN/Inf values; clean the data before distilling."
+            )

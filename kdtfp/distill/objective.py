@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+from keras.src.losses.losses import LossFunctionWrapper  # not exported by keras.losses in 3.15
 
 
 def as_loss(loss) -> keras.losses.Loss:
@@ -18,10 +19,12 @@ def as_loss(loss) -> keras.losses.Loss:
         function = keras.losses.get(loss)
         if isinstance(function, keras.losses.Loss):
             return function
-        return keras.losses.LossFunctionWrapper(function, name=loss)
+        return LossFunctionWrapper(function, name=loss)
     if callable(loss):
-        return keras.losses.LossFunctionWrapper(loss, name=getattr(loss, "__name__", "loss"))
-    raise ValueError(f"`loss` must be a keras.losses.Loss, a loss name or a function, got {loss!r}.")
+        return LossFunctionWrapper(loss, name=getattr(loss, "__name__", "loss"))
+    raise ValueError(
+        f"`loss` must be a keras.losses.Loss, a loss name or a function, got {loss!r}."
+    )
 
 
 def check_weight(weight, argument="weight") -> float:
@@ -56,7 +59,9 @@ class DistillationObjective:
     >>> objective = kdtfp.DistillationObjective(kdtfp.losses.SoftTargetKL(4.0), weight=0.9)
     """
 
-    def __init__(self, loss, weight=1.0, name=None, teacher_layer=None, student_layer=None, projection=False):
+    def __init__(
+        self, loss, weight=1.0, name=None, teacher_layer=None, student_layer=None, projection=False
+    ):
         self.loss = as_loss(loss)
         self.weight = check_weight(weight)
         self.name = name or self.loss.name
@@ -69,7 +74,9 @@ class DistillationObjective:
         self.student_layer = student_layer
         self.projection = bool(projection)
         if self.projection and teacher_layer is None:
-            raise ValueError("`projection=True` only applies to feature distillation (set the layer names).")
+            raise ValueError(
+                "`projection=True` only applies to feature distillation (set the layer names)."
+            )
 
     @property
     def uses_features(self) -> bool:
@@ -114,7 +121,15 @@ class FeatureDistillation(DistillationObjective):
     ...                     weight=0.1, projection=True)
     """
 
-    def __init__(self, teacher_layer, student_layer, loss="mean_squared_error", weight=1.0, name=None, projection=False):
+    def __init__(
+        self,
+        teacher_layer,
+        student_layer,
+        loss="mean_squared_error",
+        weight=1.0,
+        name=None,
+        projection=False,
+    ):
         super().__init__(
             loss,
             weight=weight,

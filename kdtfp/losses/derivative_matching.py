@@ -51,13 +51,22 @@ class DerivativeMatching(keras.losses.Loss):
 
     uses_input_gradients = True
 
-    def __init__(self, mode="exact", num_projections=1, reduction="sum_over_batch_size", name="derivative_matching", dtype=None):
+    def __init__(
+        self,
+        mode="exact",
+        num_projections=1,
+        reduction="sum_over_batch_size",
+        name="derivative_matching",
+        dtype=None,
+    ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         if mode not in _MODES:
             raise ValueError(f"DerivativeMatching: `mode` must be one of {_MODES}, got {mode!r}.")
         num_projections = int(num_projections)
         if num_projections < 1:
-            raise ValueError(f"DerivativeMatching: `num_projections` must be >= 1, got {num_projections}.")
+            raise ValueError(
+                f"DerivativeMatching: `num_projections` must be >= 1, got {num_projections}."
+            )
         self.mode = mode
         self.num_projections = num_projections
 

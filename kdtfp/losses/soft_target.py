@@ -32,11 +32,15 @@ class SoftTargetKL(keras.losses.Loss):
     >>> loss(teacher_logits, student_logits)  # y_true = teacher, y_pred = student
     """
 
-    def __init__(self, temperature=1.0, reduction="sum_over_batch_size", name="soft_target_kl", dtype=None):
+    def __init__(
+        self, temperature=1.0, reduction="sum_over_batch_size", name="soft_target_kl", dtype=None
+    ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         temperature = float(temperature)
-        if not temperature > 0.0 or temperature != temperature:
-            raise ValueError(f"SoftTargetKL: `temperature` must be > 0, got {temperature}.")
+        if not 0.0 < temperature < float("inf"):
+            raise ValueError(
+                f"SoftTargetKL: `temperature` must be a finite number > 0, got {temperature}."
+            )
         self.temperature = temperature
 
     def call(self, y_true, y_pred):

@@ -21,7 +21,9 @@ RECIPES = {
 def get(name):
     """The recipe module called `name`."""
     if name not in RECIPES:
-        raise ValueError(f"Unknown recipe {name!r}; available: {', '.join(sorted(RECIPES))} (or 'all').")
+        raise ValueError(
+            f"Unknown recipe {name!r}; available: {', '.join(sorted(RECIPES))} (or 'all')."
+        )
     return importlib.import_module(RECIPES[name][0])
 
 

@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from kdtfp import datasets, metrics
 from kdtfp.distill import Distiller
+from kdtfp.distribute import safe_steps_per_execution
 from kdtfp.export import export_student
 from kdtfp.losses import DerivativeMatching, SoftTargetKL
 from kdtfp.recipes.base import Result, RunConfig, Timer
@@ -69,7 +70,7 @@ def _train_student(teacher, x, y, variant, settings, seed, strategy, jit, lam=1.
             model.compile(
                 optimizer=keras.optimizers.Adam(settings["learning_rate"]),
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                steps_per_execution=10,
+                steps_per_execution=safe_steps_per_execution(10, strategy),
                 jit_compile=jit,
             )
         else:
@@ -77,12 +78,28 @@ def _train_student(teacher, x, y, variant, settings, seed, strategy, jit, lam=1.
             if variant == "dm":
                 objectives.append((DerivativeMatching(mode="projection", num_projections=1), lam))
             model = Distiller(student, teacher, objectives, seed=seed)
-            model.compile(optimizer=keras.optimizers.Adam(settings["learning_rate"]), steps_per_execution=10, jit_compile=jit)
+            model.compile(
+                optimizer=keras.optimizers.Adam(settings["learning_rate"]),
+                steps_per_execution=safe_steps_per_execution(10, strategy),
+                jit_compile=jit,
+            )
     if variant == "noise":
-        x = np.concatenate([x, datasets.gaussian_noise(x, settings["noise_copies"], settings["noise_sigma"], seed=seed)])
+        x = np.concatenate(
+            [
+                x,
+                datasets.gaussian_noise(
+                    x, settings["noise_copies"], settings["noise_sigma"], seed=seed
+                ),
+            ]
+        )
     batch = min(len(x), settings["max_batch"])
     elements = (x, y) if variant == "labels_only" else x
-    dataset = tf.data.Dataset.from_tensor_slices(elements).repeat().shuffle(2048, seed=seed).batch(batch, drop_remainder=True)
+    dataset = (
+        tf.data.Dataset.from_tensor_slices(elements)
+        .repeat()
+        .shuffle(2048, seed=seed)
+        .batch(batch, drop_remainder=True)
+    )
     model.fit(dataset, steps_per_epoch=settings["steps"], epochs=1, verbose=0)
     return student
 
@@ -114,8 +131,19 @@ def _plot(sizes, table, teacher_accuracy, path):
         left.plot(sizes, [table[f"acc_{variant}_n{n}"] for n in sizes], **style)
         right.plot(sizes, [table[f"kl_{variant}_n{n}"] for n in sizes], **style)
     left.axhline(teacher_accuracy, color="black", linestyle="--", label="teacher (10-MLP ensemble)")
-    left.set(xscale="log", xlabel="transfer-set size n", ylabel="test accuracy", title="Student accuracy vs n")
-    right.set(xscale="log", yscale="log", xlabel="transfer-set size n", ylabel="KL(teacher || student), nats", title="Distance to the teacher")
+    left.set(
+        xscale="log",
+        xlabel="transfer-set size n",
+        ylabel="test accuracy",
+        title="Student accuracy vs n",
+    )
+    right.set(
+        xscale="log",
+        yscale="log",
+        xlabel="transfer-set size n",
+        ylabel="KL(teacher || student), nats",
+        title="Distance to the teacher",
+    )
     left.legend(fontsize=8)
     right.legend(fontsize=8)
     figure.tight_layout()
@@ -132,9 +160,18 @@ def run(config: RunConfig) -> Result:
     with Timer() as teacher_timer:
         keras.utils.set_random_seed(config.seed)
         with strategy.scope():
-            members = [mlp(split.input_dim, settings["teacher_hidden"], 10, name=f"member_{i}") for i in range(settings["members"])]
+            members = [
+                mlp(split.input_dim, settings["teacher_hidden"], 10, name=f"member_{i}")
+                for i in range(settings["members"])
+            ]
             teacher = BaggedEnsemble(members, name="teacher")
-        fit_bagged(teacher, split.x_train, split.y_train, epochs=settings["teacher_epochs"], seed=config.seed)
+        fit_bagged(
+            teacher,
+            split.x_train,
+            split.y_train,
+            epochs=settings["teacher_epochs"],
+            seed=config.seed,
+        )
     teacher_test = _logits(teacher, split.x_test)
     teacher_val = _logits(teacher, split.x_val)
     table = {
@@ -142,7 +179,9 @@ def run(config: RunConfig) -> Result:
         "ll_teacher": metrics.mean_log_likelihood(teacher_test, split.y_test),
         "teacher_seconds": teacher_timer.seconds,
     }
-    config.log(f"[{NAME}] teacher: test accuracy {table['acc_teacher']:.4f} ({teacher_timer.seconds:.1f} s)")
+    config.log(
+        f"[{NAME}] teacher: test accuracy {table['acc_teacher']:.4f} ({teacher_timer.seconds:.1f} s)"
+    )
 
     runs = {}  # (variant, n) -> list of metric dicts over seeds
     chosen_lambda = {}
@@ -155,10 +194,15 @@ def run(config: RunConfig) -> Result:
                 lambdas = settings["lambdas"] if variant == "dm" else (None,)
                 best = None
                 for lam in lambdas:
-                    student = _train_student(teacher, x, y, variant, settings, seed, strategy, config.jit, lam=lam)
+                    student = _train_student(
+                        teacher, x, y, variant, settings, seed, strategy, config.jit, lam=lam
+                    )
                     if len(lambdas) > 1:
                         val_logits = _logits(student, split.x_val)
-                        score = (metrics.accuracy(val_logits, split.y_val), -metrics.kl_divergence(teacher_val, val_logits))
+                        score = (
+                            metrics.accuracy(val_logits, split.y_val),
+                            -metrics.kl_divergence(teacher_val, val_logits),
+                        )
                     else:
                         score = (0.0, 0.0)
                     if best is None or score > best[0]:
@@ -167,7 +211,9 @@ def run(config: RunConfig) -> Result:
                 if variant == "dm":
                     chosen_lambda.setdefault(n, []).append(lam)
                     final_student = student
-                runs.setdefault((variant, n), []).append(_evaluate(student, split.x_test, split.y_test, teacher_test))
+                runs.setdefault((variant, n), []).append(
+                    _evaluate(student, split.x_test, split.y_test, teacher_test)
+                )
         line = ", ".join(f"{v} {np.mean([r['acc'] for r in runs[(v, n)]]):.3f}" for v in VARIANTS)
         config.log(f"[{NAME}] n={n}: test accuracy {line}")
 
@@ -183,7 +229,9 @@ def run(config: RunConfig) -> Result:
 
     result.metrics = table
     result.baselines = {
-        key: value for key, value in table.items() if key.startswith(("acc_ce_", "acc_labels_only_", "acc_noise_", "acc_teacher"))
+        key: value
+        for key, value in table.items()
+        if key.startswith(("acc_ce_", "acc_labels_only_", "acc_noise_", "acc_teacher"))
     }
     result.headline = {
         "metric": "test accuracy at n=25",

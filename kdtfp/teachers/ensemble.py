@@ -35,7 +35,10 @@ class BaggedEnsemble(keras.Model):
 
     def call(self, inputs, training=None):
         member_log_probs = ops.stack(
-            [ops.log_softmax(ops.cast(member(inputs, training=training), "float32"), axis=-1) for member in self.members],
+            [
+                ops.log_softmax(ops.cast(member(inputs, training=training), "float32"), axis=-1)
+                for member in self.members
+            ],
             axis=1,
         )
         return ops.logsumexp(member_log_probs, axis=1) - math.log(len(self.members))
@@ -45,7 +48,10 @@ class BaggedEnsemble(keras.Model):
         return ops.stack([member(inputs, training=training) for member in self.members], axis=1)
 
     def get_config(self):
-        return {"name": self.name, "members": [keras.saving.serialize_keras_object(m) for m in self.members]}
+        return {
+            "name": self.name,
+            "members": [keras.saving.serialize_keras_object(m) for m in self.members],
+        }
 
     @classmethod
     def from_config(cls, config):
@@ -78,7 +84,10 @@ def fit_bagged(ensemble, x, y, epochs=30, batch_size=32, learning_rate=1e-3, see
         raise ValueError("`x` is empty: the ensemble needs training data.")
     rng = np.random.default_rng(seed)
     members = len(ensemble.members)
-    counts = np.stack([np.bincount(rng.integers(0, len(x), len(x)), minlength=len(x)) for _ in range(members)], axis=1)
+    counts = np.stack(
+        [np.bincount(rng.integers(0, len(x), len(x)), minlength=len(x)) for _ in range(members)],
+        axis=1,
+    )
     trainer = _StackedMembers(ensemble, name="stacked_members")
     trainer.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
@@ -86,5 +95,11 @@ def fit_bagged(ensemble, x, y, epochs=30, batch_size=32, learning_rate=1e-3, see
     )
     labels = np.repeat(y[:, None], members, axis=1)
     return trainer.fit(
-        x, labels, sample_weight=counts.astype("float32"), epochs=epochs, batch_size=batch_size, verbose=verbose, shuffle=True
+        x,
+        labels,
+        sample_weight=counts.astype("float32"),
+        epochs=epochs,
+        batch_size=batch_size,
+        verbose=verbose,
+        shuffle=True,
     )

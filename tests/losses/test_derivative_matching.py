@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from kdtfp.losses import DerivativeMatching
 
-D, I, B = 5, 4, 3  # input size, classes, batch
+D, I, B = 5, 4, 3  # noqa: E741 -- input size, classes, batch (the thesis's notation)
 
 
 def softmax(z):
@@ -61,7 +61,11 @@ def test_exact_rows_equal_numpy_finite_differences_of_a_tanh_network():
 
     def numpy_log_probs(x):
         z = np.tanh(x @ w1) @ w2
-        return z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
+        return (
+            z
+            - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            - z.max(-1, keepdims=True)
+        )
 
     def log_prob_fn(x):
         return tf.nn.log_softmax(tf.tanh(x @ w1.astype("float32")) @ w2.astype("float32"), axis=-1)
@@ -89,7 +93,9 @@ def test_exact_loss_equals_half_mean_squared_jacobian_difference():
     loss = DerivativeMatching("exact")
     student_rows = loss.input_gradient_rows(tf_log_probs(*student), x)
     teacher_rows = loss.input_gradient_rows(tf_log_probs(*teacher), x)
-    np.testing.assert_allclose(float(loss(teacher_rows, student_rows)), exact_loss(x, student, teacher), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(loss(teacher_rows, student_rows)), exact_loss(x, student, teacher), rtol=1e-5
+    )
 
 
 def test_exact_loss_is_zero_for_identical_models():

@@ -20,7 +20,18 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ensemble-compression")
     json_path = out / "m.json"
     completed = subprocess.run(
-        [sys.executable, "-m", "kdtfp.cli", "run", "ensemble-compression", "--quick", "--out", str(out), "--json", str(json_path)],
+        [
+            sys.executable,
+            "-m",
+            "kdtfp.cli",
+            "run",
+            "ensemble-compression",
+            "--quick",
+            "--out",
+            str(out),
+            "--json",
+            str(json_path),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -67,9 +78,13 @@ def test_quick_run_leaves_a_serving_export_metrics_and_plot(quick_run):
 
 def test_student_trains_under_mirrored_strategy(mirrored_strategy):
     split = kdtfp.datasets.load_digits_split()
-    teacher = kdtfp.teachers.BaggedEnsemble([kdtfp.teachers.mlp(64, (8,), 10, name=f"m{i}") for i in range(2)])
+    teacher = kdtfp.teachers.BaggedEnsemble(
+        [kdtfp.teachers.mlp(64, (8,), 10, name=f"m{i}") for i in range(2)]
+    )
     settings = dict(recipe._settings(quick=True), steps=5)
     x, y = kdtfp.datasets.subset(split.x_train, 50, seed=0, y=split.y_train)
     for variant in ("labels_only", "ce", "noise", "dm"):
-        student = recipe._train_student(teacher, x, y, variant, settings, seed=0, strategy=mirrored_strategy, jit=False)
+        student = recipe._train_student(
+            teacher, x, y, variant, settings, seed=0, strategy=mirrored_strategy, jit=False
+        )
         assert np.all(np.isfinite(np.asarray(student(split.x_test[:4]))))

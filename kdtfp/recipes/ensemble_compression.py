@@ -92,7 +92,10 @@ def _train_student(teacher, x, y, variant, settings, seed, strategy, jit, lam=1.
                 ),
             ]
         )
-    batch = min(len(x), settings["max_batch"])
+    # A global batch that splits evenly over the replicas: Keras reduces the first batch across
+    # replicas when it builds a model under a strategy, and uneven shards (13 + 12) fail there.
+    replicas = strategy.num_replicas_in_sync
+    batch = max(replicas, min(len(x), settings["max_batch"]) // replicas * replicas)
     elements = (x, y) if variant == "labels_only" else x
     dataset = (
         tf.data.Dataset.from_tensor_slices(elements)

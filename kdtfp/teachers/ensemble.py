@@ -88,11 +88,13 @@ def fit_bagged(ensemble, x, y, epochs=30, batch_size=32, learning_rate=1e-3, see
         [np.bincount(rng.integers(0, len(x), len(x)), minlength=len(x)) for _ in range(members)],
         axis=1,
     )
-    trainer = _StackedMembers(ensemble, name="stacked_members")
-    trainer.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
+    # The trainer and its optimizer must live in the strategy the members were built in.
+    with ensemble.distribute_strategy.scope():
+        trainer = _StackedMembers(ensemble, name="stacked_members")
+        trainer.compile(
+            optimizer=keras.optimizers.Adam(learning_rate),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
     labels = np.repeat(y[:, None], members, axis=1)
     return trainer.fit(
         x,

@@ -124,3 +124,11 @@ def test_bagged_ensemble_teaches_a_student_through_the_distiller():
     assert history["soft_target_kl"][-1] < history["soft_target_kl"][0]
     for before, after in zip(teacher_before, teacher.get_weights(), strict=True):
         np.testing.assert_array_equal(before, after)
+
+
+def test_fit_bagged_trains_an_ensemble_built_under_mirrored_strategy(mirrored_strategy, digits):
+    with mirrored_strategy.scope():
+        members = [mlp(64, (16,), 10, name=f"mirrored_member_{i}") for i in range(2)]
+        ensemble = BaggedEnsemble(members)
+    history = fit_bagged(ensemble, digits.x_train[:256], digits.y_train[:256], epochs=3)
+    assert history.history["loss"][-1] < history.history["loss"][0]

@@ -7,6 +7,8 @@ Built on TensorFlow, Keras 3 and TensorFlow Probability. The public pieces:
 * `kdtfp.callbacks` — loss-weight and temperature schedules;
 * `kdtfp.teachers` — teacher builders (MLPs, bagged ensembles);
 * `kdtfp.datasets` — offline data and transfer-set samplers;
+* `kdtfp.metrics` — accuracy, log-likelihood, agreement, KL in float64;
+* `kdtfp.distribute.make_strategy` — strategies for `--strategy/--devices`;
 * `kdtfp.export.export_student` — a SavedModel of the student alone.
 """
 
@@ -18,7 +20,7 @@ from kdtfp._stack import check_stack  # noqa: E402
 
 check_stack()
 
-from kdtfp import callbacks, datasets, distill, export, losses, teachers  # noqa: E402
+from kdtfp import callbacks, datasets, distill, distribute, export, losses, metrics, teachers  # noqa: E402
 from kdtfp.distill import DistillationObjective, Distiller, FeatureDistillation  # noqa: E402
 
 __version__ = "0.1.0"
@@ -30,7 +32,9 @@ __all__ = [
     "callbacks",
     "datasets",
     "distill",
+    "distribute",
     "export",
     "losses",
+    "metrics",
     "teachers",
 ]

@@ -80,18 +80,45 @@ def _summary(results):
     return "\n".join(lines)
 
 
-def _run(args):
-    import keras
+def _check_run_arguments(args):
+    """Checks `kdtfp run`'s arguments before any work; returns `(recipe names, strategy)`.
+
+    Raises ValueError naming the argument. Only these errors are shown as one line: errors
+    during a run keep their traceback.
+    """
+    import tensorflow as tf
 
     from kdtfp import recipes
     from kdtfp.distribute import make_strategy
 
     names = list(recipes.RECIPES) if args.recipe == "all" else [args.recipe]
     for name in names:
-        recipes.get(name)  # unknown names fail before any work
+        recipes.get(name)
     if args.json and os.path.isdir(args.json):
         raise ValueError(f"`--json` {args.json!r} is a folder; give a file path.")
+    if args.out and os.path.isfile(args.out):
+        raise ValueError(f"`--out` {args.out!r} is a file; give a folder.")
     strategy = make_strategy(args.strategy, args.devices)
+    if (
+        args.jit
+        and strategy.num_replicas_in_sync > 1
+        and not tf.config.list_physical_devices("GPU")
+    ):
+        # XLA-compiled steps on several logical CPU devices fail in TF 2.21 ("Trying to access
+        # resource ... located in device CPU:1 from device CPU:0").
+        raise ValueError("`--jit` cannot be combined with `--strategy mirrored` on CPU devices.")
+    return names, strategy
+
+
+def _run(args):
+    import keras
+
+    from kdtfp import recipes
+
+    try:
+        names, strategy = _check_run_arguments(args)
+    except ValueError as error:
+        sys.exit(f"kdtfp: error: {error}")
     results = []
     for name in names:
         module = recipes.get(name)
@@ -126,8 +153,9 @@ def _run(args):
         results.append(result)
     print(_summary(results))
     if args.json and len(names) > 1:
+        # `run all --json`: one record per recipe, under the recipe's name.
         with open(args.json, "w") as handle:
-            json.dump([r.to_json() for r in results], handle, indent=2)
+            json.dump({r.recipe: r.to_json() for r in results}, handle, indent=2)
 
 
 def _bench(args):
@@ -139,17 +167,12 @@ def _bench(args):
 
 def main(argv=None):
     args = _parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        if args.command == "list":
-            _list()
-        elif args.command == "run":
-            _run(args)
-        else:
-            _bench(args)
-    except ValueError as error:
-        # Bad arguments get one line, not a TensorFlow traceback.
-        sys.exit(f"kdtfp: error: {error}")
+    if args.command == "list":
+        _list()
+    elif args.command == "run":
+        _run(args)
+    else:
+        _bench(args)
     return 0
 
 

@@ -3,15 +3,18 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 
 
 def kdtfp_cli(*args):
     return subprocess.run(
         [sys.executable, "-m", "kdtfp.cli", *args],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
@@ -38,6 +41,20 @@ def test_list_names_every_recipe():
         ),
         (("run", "ensemble-compression", "--quick", "--devices", "3"), "devices"),
         (("run", "ensemble-compression", "--quick", "--json", "."), "--json"),
+        (("run", "ensemble-compression", "--quick", "--out", "pyproject.toml"), "--out"),
+        (
+            (
+                "run",
+                "ensemble-compression",
+                "--quick",
+                "--strategy",
+                "mirrored",
+                "--devices",
+                "2",
+                "--jit",
+            ),
+            "--jit",
+        ),
     ],
 )
 def test_bad_arguments_exit_with_one_line_naming_the_argument(args, named):

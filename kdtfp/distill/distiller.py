@@ -8,7 +8,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
-from keras.src.losses.loss import unscale_loss_for_distribution
 
 from kdtfp.distill.objective import DistillationObjective, as_loss, as_objective, check_weight
 
@@ -16,6 +15,14 @@ from kdtfp.distill.objective import DistillationObjective, as_loss, as_objective
 INPUTS = "inputs"
 TEACHER_OUTPUTS = "teacher_outputs"
 STUDENT_LOSS = "student_loss"
+
+
+def unscale_loss_for_distribution(value):
+    """Undoes Keras's per-replica division of a Loss value, for metrics that read the same on
+    N replicas as on one (`keras.src.losses.loss.unscale_loss_for_distribution`, kept local
+    because it is private)."""
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    return value * ops.cast(replicas, value.dtype) if replicas > 1 else value
 
 
 def split_inputs(inputs):
@@ -91,6 +98,12 @@ class Distiller(keras.Model):
             raise ValueError(
                 "`student` and `teacher` are the same model: the student must be a separate model."
             )
+        teacher_variables = {id(v) for v in teacher.weights}
+        if any(id(v) in teacher_variables for v in student.weights):
+            raise ValueError(
+                "`student` shares weights with `teacher`: freezing the teacher would freeze them "
+                "too. Build the student from its own layers."
+            )
         if objectives is None:
             objectives = []
         single_pair = (
@@ -106,10 +119,10 @@ class Distiller(keras.Model):
                 "`objectives` is empty and there is no `student_loss`: there is nothing to train."
             )
         names = [objective.name for objective in objectives]
-        if len(set(names)) != len(names) or STUDENT_LOSS in names:
+        if len(set(names)) != len(names) or {STUDENT_LOSS, "loss"} & set(names):
             raise ValueError(
-                f"Objective names must be unique and not {STUDENT_LOSS!r}, got {names}: pass `name=` to "
-                "DistillationObjective to tell them apart."
+                f"Objective names must be unique and not 'loss' or {STUDENT_LOSS!r}, got {names}: "
+                "pass `name=` to DistillationObjective to tell them apart."
             )
 
         self.student = student
@@ -185,8 +198,15 @@ class Distiller(keras.Model):
             self.student, [o.student_layer for o in feature_objectives], "student"
         )
         for objective in feature_objectives:
+            width = self.teacher.get_layer(objective.teacher_layer).output.shape[-1]
+            student_width = self.student.get_layer(objective.student_layer).output.shape[-1]
+            if width != student_width and not objective.projection:
+                raise ValueError(
+                    f"`teacher_layer`={objective.teacher_layer!r} has width {width} but "
+                    f"`student_layer`={objective.student_layer!r} has {student_width}: pass "
+                    "`projection=True` to learn a map between them."
+                )
             if objective.projection:
-                width = self.teacher.get_layer(objective.teacher_layer).output.shape[-1]
                 self._projection_index[objective.name] = len(self.projections)
                 projection = keras.layers.Dense(
                     width, use_bias=False, name=f"{objective.name}_projection"
@@ -241,6 +261,8 @@ class Distiller(keras.Model):
         if self.teacher_features is not None:
             teacher_features = self.teacher_features(x, training=False)
             student_features = self.student_features(x, training=training)
+            # Every term reads this one student pass (same dropout mask, one BatchNorm update).
+            y_pred = student_features[0]
             if teacher_outputs is None:
                 teacher_outputs = teacher_features[0]
         # Derivative terms first: their tape runs the teacher forward on x already, so output
@@ -349,11 +371,30 @@ class Distiller(keras.Model):
             )
         super().compile(*args, steps_per_execution=safe, **kwargs)
 
-    def fit(self, x=None, y=None, *args, **kwargs):
-        """`keras.Model.fit`, after checking array inputs are non-empty and finite."""
+    def compile_from_config(self, config):
+        # Keras skips re-compiling a loaded model whose class overrides `compile` unless this is
+        # overridden too; the body is Keras's own (trainer.py).
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if hasattr(self, "optimizer") and self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def fit(self, x=None, y=None, batch_size=None, **kwargs):
+        """`keras.Model.fit`, after checks that fail before any step runs.
+
+        Arrays must be non-empty and finite; a `tf.data.Dataset` must not be empty (its
+        values are not scanned). On several replicas `batch_size` must split evenly: Keras
+        fails on uneven shards when it builds a model under a strategy.
+        """
         _check_arrays(x, "x")
         _check_arrays(y, "y")
-        return super().fit(x, y, *args, **kwargs)
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        if batch_size is not None and replicas > 1 and batch_size % replicas:
+            raise ValueError(
+                f"`batch_size`={batch_size} does not split evenly over {replicas} replicas; "
+                f"use a multiple of {replicas}."
+            )
+        return super().fit(x, y, batch_size=batch_size, **kwargs)
 
     # ------------------------------------------------------------------ serialisation
 
@@ -437,7 +478,13 @@ def _feature_extractor(model, layer_names, role):
 
 def _check_arrays(data, argument):
     """Rejects empty or non-finite NumPy/tensor data before any step runs."""
-    if data is None or isinstance(data, (tf.data.Dataset, keras.utils.PyDataset)):
+    if isinstance(data, tf.data.Dataset):
+        if int(data.cardinality()) == 0:
+            raise ValueError(
+                f"`{argument}` is an empty dataset: the transfer set needs at least one batch."
+            )
+        return
+    if data is None or isinstance(data, keras.utils.PyDataset):
         return
     if isinstance(data, dict):
         for key, value in data.items():

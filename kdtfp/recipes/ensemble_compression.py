@@ -11,8 +11,10 @@ trained for the same number of steps:
 * `dm` — soft targets + λ · derivative matching (one Rademacher projection per example).
 
 Metrics per n on the 400 test images: accuracy, mean test log-likelihood, agreement with the
-teacher and KL(teacher || student), averaged over seeds (1 seed with --quick, 5 without; λ
-chosen on the 197 validation images without --quick).
+teacher and KL(teacher || student), averaged over seeds (1 seed with --quick, 5 without). All
+variants share the steps, optimizer and global batch of a given n. Without --quick each variant
+has one hyperparameter chosen on the 197 validation images from a grid of two (labels only:
+learning rate; soft targets: temperature; noise inputs: sigma; derivative matching: λ).
 """
 
 from __future__ import annotations
@@ -54,29 +56,52 @@ def _settings(quick):
         "learning_rate": 1e-2,
         "max_batch": 32,
         "seeds": 1 if quick else 5,
-        "lambdas": (1.0,) if quick else (1.0, 10.0),
+        # One hyperparameter per variant, chosen on the validation images in the full run; every
+        # variant gets a grid of the same size so that no method is tuned more than another.
+        "grids": {
+            "labels_only": (1e-2,) if quick else (3e-3, 1e-2),  # learning rate
+            "ce": (1.0,) if quick else (1.0, 4.0),  # temperature
+            "noise": (0.4,) if quick else (0.2, 0.4),  # noise sigma
+            "dm": (1.0,) if quick else (1.0, 10.0),  # lambda
+        },
         "noise_copies": 10,
-        "noise_sigma": 0.4,
     }
 
 
-def _train_student(teacher, x, y, variant, settings, seed, strategy, jit, lam=1.0):
-    """Trains one 64-16-10 student on the transfer set `(x, y)`; returns it."""
+def _batch_size(n, settings, replicas):
+    """One global batch for every variant of a transfer set of `n` real inputs.
+
+    A multiple of 8 (so 1, 2, 4 or 8 replicas see identical global batches) and of the replica
+    count: Keras reduces the first batch across replicas when it builds a model under a
+    strategy, and uneven shards (13 + 12) fail there.
+    """
+    batch = max(8, min(n, settings["max_batch"]) // 8 * 8)
+    return max(replicas, batch // replicas * replicas)
+
+
+def _train_student(teacher, x, y, variant, settings, seed, strategy, jit, hyper=None):
+    """Trains one 64-16-10 student on the transfer set `(x, y)`; returns it.
+
+    `hyper` is the variant's tuned value (see `_settings()["grids"]`); None takes the first.
+    """
+    hyper = settings["grids"][variant][0] if hyper is None else hyper
+    batch = _batch_size(len(x), settings, strategy.num_replicas_in_sync)
     keras.utils.set_random_seed(seed)
     with strategy.scope():
         student = mlp(x.shape[1], settings["student_hidden"], 10, name="student", seed=seed)
         if variant == "labels_only":
             model = student
             model.compile(
-                optimizer=keras.optimizers.Adam(settings["learning_rate"]),
+                optimizer=keras.optimizers.Adam(hyper),
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                 steps_per_execution=safe_steps_per_execution(10, strategy),
                 jit_compile=jit,
             )
         else:
-            objectives = [(SoftTargetKL(temperature=1.0), 1.0)]
+            temperature = hyper if variant == "ce" else 1.0
+            objectives = [(SoftTargetKL(temperature=temperature), 1.0)]
             if variant == "dm":
-                objectives.append((DerivativeMatching(mode="projection", num_projections=1), lam))
+                objectives.append((DerivativeMatching(mode="projection", num_projections=1), hyper))
             model = Distiller(student, teacher, objectives, seed=seed)
             model.compile(
                 optimizer=keras.optimizers.Adam(settings["learning_rate"]),
@@ -87,15 +112,9 @@ def _train_student(teacher, x, y, variant, settings, seed, strategy, jit, lam=1.
         x = np.concatenate(
             [
                 x,
-                datasets.gaussian_noise(
-                    x, settings["noise_copies"], settings["noise_sigma"], seed=seed
-                ),
+                datasets.gaussian_noise(x, settings["noise_copies"], hyper, seed=seed),
             ]
         )
-    # A global batch that splits evenly over the replicas: Keras reduces the first batch across
-    # replicas when it builds a model under a strategy, and uneven shards (13 + 12) fail there.
-    replicas = strategy.num_replicas_in_sync
-    batch = max(replicas, min(len(x), settings["max_batch"]) // replicas * replicas)
     elements = (x, y) if variant == "labels_only" else x
     dataset = (
         tf.data.Dataset.from_tensor_slices(elements)
@@ -103,7 +122,7 @@ def _train_student(teacher, x, y, variant, settings, seed, strategy, jit, lam=1.
         .shuffle(2048, seed=seed)
         .batch(batch, drop_remainder=True)
     )
-    model.fit(dataset, steps_per_epoch=settings["steps"], epochs=1, verbose=0)
+    model.fit(dataset, steps_per_epoch=settings["steps"], epochs=1, verbose=0, shuffle=False)
     return student
 
 
@@ -187,20 +206,20 @@ def run(config: RunConfig) -> Result:
     )
 
     runs = {}  # (variant, n) -> list of metric dicts over seeds
-    chosen_lambda = {}
+    chosen = {}  # (variant, n) -> tuned values over seeds
     final_student = None
     for n in SIZES:
         for repeat in range(settings["seeds"]):
             seed = config.seed + repeat
             x, y = datasets.subset(split.x_train, n, seed=seed, y=split.y_train)
             for variant in VARIANTS:
-                lambdas = settings["lambdas"] if variant == "dm" else (None,)
+                grid = settings["grids"][variant]
                 best = None
-                for lam in lambdas:
+                for hyper in grid:
                     student = _train_student(
-                        teacher, x, y, variant, settings, seed, strategy, config.jit, lam=lam
+                        teacher, x, y, variant, settings, seed, strategy, config.jit, hyper=hyper
                     )
-                    if len(lambdas) > 1:
+                    if len(grid) > 1:
                         val_logits = _logits(student, split.x_val)
                         score = (
                             metrics.accuracy(val_logits, split.y_val),
@@ -209,10 +228,10 @@ def run(config: RunConfig) -> Result:
                     else:
                         score = (0.0, 0.0)
                     if best is None or score > best[0]:
-                        best = (score, lam, student)
-                _, lam, student = best
+                        best = (score, hyper, student)
+                _, hyper, student = best
+                chosen.setdefault((variant, n), []).append(hyper)
                 if variant == "dm":
-                    chosen_lambda.setdefault(n, []).append(lam)
                     final_student = student
                 runs.setdefault((variant, n), []).append(
                     _evaluate(student, split.x_test, split.y_test, teacher_test)
@@ -228,7 +247,8 @@ def run(config: RunConfig) -> Result:
                 table[f"{key}_{variant}_n{n}_sd"] = float(np.std(values, ddof=1))
     for n in SIZES:
         table[f"dm_gain_n{n}"] = table[f"acc_dm_n{n}"] - table[f"acc_ce_n{n}"]
-        table[f"lambda_dm_n{n}"] = float(np.mean(chosen_lambda[n]))
+        for variant in VARIANTS:
+            table[f"tuned_{variant}_n{n}"] = float(np.mean(chosen[(variant, n)]))
 
     result.metrics = table
     result.baselines = {

@@ -57,13 +57,11 @@ def test_quick_run_writes_every_ratio_time_and_setting(tmp_path):
     record = json.loads(json_path.read_text())
 
     assert record["benchmark"] == "distiller" and record["quick"] is True
-    for key in RATIOS + (
-        "teacher_flops_per_example",
-        "student_flops_per_example",
-        "cache_break_even_epochs",
-    ):
+    for key in RATIOS + ("teacher_flops_per_example", "student_flops_per_example"):
         assert _finite_positive(record[key]), (key, record.get(key))
         assert record[key] == pytest.approx(result[key])
+    # Infinite when the cached epoch is not faster, which a loaded machine can make happen.
+    assert record["cache_break_even_epochs"] > 0
     for name in RATIOS:
         assert set(record["ratio_estimates"][name]) == {"of_medians", "paired_median", "of_mins"}
         assert all(_finite_positive(v) for v in record["ratio_estimates"][name].values()), name

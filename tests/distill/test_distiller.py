@@ -767,3 +767,42 @@ def test_student_loss_without_labels_raises_before_any_step(transfer):
     with pytest.raises(ValueError, match="`student_loss` needs labels"):
         distiller.fit(x, batch_size=32, epochs=1, verbose=0)
     assert max_change(before, [w.numpy() for w in student.weights]) == 0.0
+
+
+def test_student_sharing_weights_with_the_teacher_raises():
+    teacher = make_teacher()
+    student = keras.Model(teacher.inputs, teacher.outputs, name="alias")
+    with pytest.raises(ValueError, match="shares weights with `teacher`"):
+        Distiller(student, teacher, [SoftTargetKL()])
+
+
+def test_feature_layers_of_different_width_without_projection_raise_naming_the_layers():
+    with pytest.raises(ValueError, match="`teacher_layer`='teacher_hidden_0'.*projection=True"):
+        Distiller(
+            make_student(hidden=8),
+            make_teacher(hidden=(32,)),
+            [FeatureDistillation("teacher_hidden_0", "student_hidden_0", loss=mse())],
+        )
+
+
+def test_objective_named_loss_raises():
+    with pytest.raises(ValueError, match="not 'loss'"):
+        Distiller(
+            make_student(), make_teacher(), [DistillationObjective(SoftTargetKL(), name="loss")]
+        )
+
+
+def test_empty_dataset_raises_before_any_step(transfer):
+    distiller = Distiller(make_student(), make_teacher(), [SoftTargetKL()])
+    distiller.compile(optimizer=keras.optimizers.SGD(0.1))
+    empty = tf.data.Dataset.from_tensor_slices(transfer[0][:0]).batch(8)
+    with pytest.raises(ValueError, match="`x` is an empty dataset"):
+        distiller.fit(empty, epochs=1, verbose=0)
+
+
+def test_batch_size_that_does_not_split_over_replicas_raises(mirrored_strategy, transfer):
+    with mirrored_strategy.scope():
+        distiller = Distiller(make_student(), make_teacher(), [SoftTargetKL()])
+        distiller.compile(optimizer=keras.optimizers.SGD(0.1))
+    with pytest.raises(ValueError, match="`batch_size`=25 does not split evenly over 2 replicas"):
+        distiller.fit(transfer[0][:50], batch_size=25, epochs=1, verbose=0)

@@ -5,25 +5,51 @@ from __future__ import annotations
 import keras
 
 
-def _check_schedule(schedule):
-    if not callable(schedule):
-        raise ValueError(f"`schedule` must be a function epoch -> value, got {schedule!r}.")
-    return schedule
+class _EpochSchedule(keras.callbacks.Callback):
+    """Sets one distiller value to `schedule(epoch)` at each epoch start and logs it."""
+
+    kind = "value"
+
+    def __init__(self, target, schedule, verbose=0):
+        super().__init__()
+        if not callable(schedule):
+            raise ValueError(f"`schedule` must be a function epoch -> value, got {schedule!r}.")
+        self.target = target
+        self.schedule = schedule
+        self.verbose = verbose
+
+    def _apply(self, distiller, value):
+        raise NotImplementedError
+
+    def _read(self, distiller):
+        raise NotImplementedError
+
+    def _distiller(self):
+        from kdtfp.distill.distiller import Distiller
+
+        if not isinstance(self.model, Distiller):
+            raise ValueError(
+                f"This schedule drives a kdtfp.Distiller, not {type(self.model).__name__}."
+            )
+        return self.model
+
+    def on_epoch_begin(self, epoch, logs=None):
+        value = float(self.schedule(epoch))
+        self._apply(self._distiller(), value)
+        if self.verbose:
+            print(f"Epoch {epoch + 1}: {self.kind} of {self.target!r} = {value:.4g}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs[f"{self.target}_{self.kind}"] = self._read(self._distiller())
 
 
-def _distiller(model):
-    from kdtfp.distill.distiller import Distiller
-
-    if not isinstance(model, Distiller):
-        raise ValueError(f"This schedule drives a kdtfp.Distiller, not {type(model).__name__}.")
-    return model
-
-
-class LossWeightSchedule(keras.callbacks.Callback):
+class LossWeightSchedule(_EpochSchedule):
     """Sets the weight of one `Distiller` term to `schedule(epoch)` at the start of every epoch.
 
     The weight lives in the distiller's `term_weights` variable, so its current value is saved
     with the model and survives `BackupAndRestore` (the schedule is a pure function of the epoch).
+    The value is logged as `"{term}_weight"`.
 
     Args:
         term: an objective's name or `"student_loss"`.
@@ -36,53 +62,52 @@ class LossWeightSchedule(keras.callbacks.Callback):
     >>> distiller.fit(x, epochs=20, callbacks=[warm_up])
     """
 
+    kind = "weight"
+
     def __init__(self, term, schedule, verbose=0):
-        super().__init__()
-        self.term = term
-        self.schedule = _check_schedule(schedule)
-        self.verbose = verbose
+        super().__init__(term, schedule, verbose)
 
-    def on_epoch_begin(self, epoch, logs=None):
-        value = float(self.schedule(epoch))
-        _distiller(self.model).set_term_weight(self.term, value)
-        if self.verbose:
-            print(f"Epoch {epoch + 1}: weight of {self.term!r} = {value:.4g}")
+    @property
+    def term(self):
+        return self.target
 
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs[f"{self.term}_weight"] = self.model.term_weight(self.term)
+    def _apply(self, distiller, value):
+        distiller.set_term_weight(self.target, value)
+
+    def _read(self, distiller):
+        return distiller.term_weight(self.target)
 
 
-class TemperatureSchedule(keras.callbacks.Callback):
+class TemperatureSchedule(_EpochSchedule):
     """Sets the temperature of one `Distiller` objective to `schedule(epoch)` each epoch.
+
+    The value is logged as `"{objective}_temperature"`.
 
     Args:
         objective: the name of an objective whose loss has a temperature (e.g. `SoftTargetKL`).
-        schedule: function `epoch -> temperature (float > 0)`.
+        schedule: function `epoch -> temperature (finite float > 0)`.
+        verbose: print the new value each epoch.
 
     Example:
 
     >>> anneal = kdtfp.callbacks.TemperatureSchedule("soft_target_kl", lambda e: max(1.0, 8.0 * 0.8**e))
     """
 
-    def __init__(self, objective, schedule, verbose=0):
-        super().__init__()
-        self.objective = objective
-        self.schedule = _check_schedule(schedule)
-        self.verbose = verbose
+    kind = "temperature"
 
-    def on_epoch_begin(self, epoch, logs=None):
-        value = float(self.schedule(epoch))
+    def __init__(self, objective, schedule, verbose=0):
+        super().__init__(objective, schedule, verbose)
+
+    @property
+    def objective(self):
+        return self.target
+
+    def _apply(self, distiller, value):
         if not 0 < value < float("inf"):
             raise ValueError(
-                f"TemperatureSchedule: `temperature` must be > 0, schedule gave {value} at epoch {epoch}."
+                f"TemperatureSchedule: `temperature` must be a finite number > 0, got {value}."
             )
-        _distiller(self.model).temperature_variable(self.objective).assign(value)
-        if self.verbose:
-            print(f"Epoch {epoch + 1}: temperature of {self.objective!r} = {value:.4g}")
+        distiller.temperature_variable(self.target).assign(value)
 
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs[f"{self.objective}_temperature"] = float(
-                self.model.temperature_variable(self.objective).numpy()
-            )
+    def _read(self, distiller):
+        return float(distiller.temperature_variable(self.target).numpy())

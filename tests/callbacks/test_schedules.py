@@ -76,7 +76,7 @@ def test_temperature_schedule_on_an_objective_without_temperature_raises(distill
 
 @pytest.mark.parametrize("value", [0.0, -1.0, float("nan")])
 def test_temperature_schedule_rejects_non_positive_values(distiller, value):
-    with pytest.raises(ValueError, match="`temperature` must be > 0"):
+    with pytest.raises(ValueError, match="`temperature` must be a finite number > 0"):
         attached(
             TemperatureSchedule("soft_target_kl", lambda epoch: value), distiller
         ).on_epoch_begin(0)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from kdtfp.distill.checks import check_arrays
 from kdtfp.distill.distiller import INPUTS, TEACHER_OUTPUTS
 
 
 def teacher_outputs(teacher, x, batch_size=1024):
     """The teacher's outputs on `x` as a NumPy array, computed in batches with `training=False`."""
     x = np.asarray(x)
-    if len(x) == 0:
-        raise ValueError("`x` is empty: the transfer set needs at least one example.")
+    check_arrays(x, "x")
     outputs = [
         np.asarray(teacher(x[start : start + batch_size], training=False))
         for start in range(0, len(x), batch_size)
@@ -42,8 +42,7 @@ def teacher_cached_dataset(
     >>> distiller.fit(dataset, epochs=10)
     """
     x = np.asarray(x)
-    if not np.all(np.isfinite(x)):
-        raise ValueError("`x` contains NaN/Inf values; clean the data before distilling.")
+    check_arrays(x, "x")
     features = {INPUTS: x, TEACHER_OUTPUTS: teacher_outputs(teacher, x, outputs_batch_size)}
     elements = features if y is None else (features, np.asarray(y))
     dataset = tf.data.Dataset.from_tensor_slices(elements)

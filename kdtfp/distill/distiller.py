@@ -9,6 +9,14 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from kdtfp.distill.checks import (
+    check_arrays,
+    check_same_shape,
+    feature_extractor,
+    has_symbolic_output,
+    static_input_shape,
+    static_output_shape,
+)
 from kdtfp.distill.objective import DistillationObjective, as_loss, as_objective, check_weight
 
 #: Keys of an input dict that carries precomputed teacher outputs (see `teacher_cached_dataset`).
@@ -143,7 +151,7 @@ class Distiller(keras.Model):
         )
         self.seed_generator = keras.random.SeedGenerator(seed)
         self._check_output_shapes()
-        self._build_feature_extractors()
+        self._buildfeature_extractors()
         # One metric per active term (no `student_loss` metric without a student loss).
         self.term_trackers = [keras.metrics.Mean(name=o.name) for o in self.objectives]
         if self.student_loss is not None:
@@ -167,12 +175,12 @@ class Distiller(keras.Model):
         return objective
 
     def _check_output_shapes(self):
-        student_shape = _static_output_shape(self.student)
-        teacher_shape = _static_output_shape(self.teacher)
+        student_shape = static_output_shape(self.student)
+        teacher_shape = static_output_shape(self.teacher)
         if student_shape is not None and teacher_shape is not None:
-            _check_same_shape(teacher_shape, student_shape)
-        student_input = _static_input_shape(self.student)
-        teacher_input = _static_input_shape(self.teacher)
+            check_same_shape(teacher_shape, student_shape)
+        student_input = static_input_shape(self.student)
+        teacher_input = static_input_shape(self.teacher)
         if (
             student_input is not None
             and teacher_input is not None
@@ -183,7 +191,7 @@ class Distiller(keras.Model):
                 f"student {student_input}. They must read the same x."
             )
 
-    def _build_feature_extractors(self):
+    def _buildfeature_extractors(self):
         feature_objectives = [o for o in self.objectives if o.uses_features]
         self.teacher_features = None
         self.student_features = None
@@ -191,10 +199,10 @@ class Distiller(keras.Model):
         self._projection_index = {}
         if not feature_objectives:
             return
-        self.teacher_features = _feature_extractor(
+        self.teacher_features = feature_extractor(
             self.teacher, [o.teacher_layer for o in feature_objectives], "teacher"
         )
-        self.student_features = _feature_extractor(
+        self.student_features = feature_extractor(
             self.student, [o.student_layer for o in feature_objectives], "student"
         )
         for objective in feature_objectives:
@@ -279,7 +287,7 @@ class Distiller(keras.Model):
             teacher_outputs = self.teacher(x, training=False)
         if teacher_outputs is not None:
             teacher_outputs = ops.stop_gradient(teacher_outputs)
-            _check_same_shape(tuple(teacher_outputs.shape), tuple(y_pred.shape))
+            check_same_shape(tuple(teacher_outputs.shape), tuple(y_pred.shape))
 
         # Terms are averaged over an epoch weighted by batch size, as Keras does for `loss`, so
         # that `loss` equals the weighted sum of the reported terms.
@@ -332,7 +340,7 @@ class Distiller(keras.Model):
         directions = None
         if loss.mode == "projection":
             num_classes = (
-                self.student.output.shape[-1] if _has_symbolic_output(self.student) else None
+                self.student.output.shape[-1] if has_symbolic_output(self.student) else None
             )
             if num_classes is None:
                 num_classes = self.student(x[:1], training=False).shape[-1]
@@ -386,8 +394,8 @@ class Distiller(keras.Model):
         values are not scanned). On several replicas `batch_size` must split evenly: Keras
         fails on uneven shards when it builds a model under a strategy.
         """
-        _check_arrays(x, "x")
-        _check_arrays(y, "y")
+        check_arrays(x, "x")
+        check_arrays(y, "y")
         replicas = self.distribute_strategy.num_replicas_in_sync
         if batch_size is not None and replicas > 1 and batch_size % replicas:
             raise ValueError(
@@ -421,85 +429,3 @@ class Distiller(keras.Model):
             keras.saving.deserialize_keras_object(o) for o in config["objectives"]
         ]
         return cls(**config)
-
-
-# ---------------------------------------------------------------------- module helpers
-
-
-def _has_symbolic_output(model):
-    try:
-        return model.output is not None
-    except (AttributeError, ValueError):
-        return False
-
-
-def _static_output_shape(model):
-    if _has_symbolic_output(model):
-        output = model.output
-        return tuple(output.shape) if not isinstance(output, (list, tuple, dict)) else None
-    return None
-
-
-def _static_input_shape(model):
-    try:
-        inputs = model.inputs
-    except (AttributeError, ValueError):
-        return None
-    if inputs and len(inputs) == 1:
-        return tuple(inputs[0].shape)
-    return None
-
-
-def _check_same_shape(teacher_shape, student_shape):
-    if tuple(teacher_shape)[1:] != tuple(student_shape)[1:]:
-        raise ValueError(
-            f"`teacher` and `student` outputs differ in shape: teacher {tuple(teacher_shape)}, "
-            f"student {tuple(student_shape)}. Output objectives compare them element by element."
-        )
-
-
-def _feature_extractor(model, layer_names, role):
-    if not _has_symbolic_output(model):
-        raise ValueError(
-            f"Feature distillation needs a functional or sequential `{role}` (its layers' symbolic outputs); "
-            f"{model.name!r} is subclassed. Use output objectives, or build the {role} functionally."
-        )
-    outputs = [model.output]
-    for layer_name in layer_names:
-        try:
-            outputs.append(model.get_layer(layer_name).output)
-        except ValueError:
-            names = [layer.name for layer in model.layers]
-            raise ValueError(
-                f"`{role}_layer`={layer_name!r} is not a layer of the {role}; its layers: {names}."
-            ) from None
-    return keras.Model(model.inputs, outputs, name=f"{model.name}_features")
-
-
-def _check_arrays(data, argument):
-    """Rejects empty or non-finite NumPy/tensor data before any step runs."""
-    if isinstance(data, tf.data.Dataset):
-        if int(data.cardinality()) == 0:
-            raise ValueError(
-                f"`{argument}` is an empty dataset: the transfer set needs at least one batch."
-            )
-        return
-    if data is None or isinstance(data, keras.utils.PyDataset):
-        return
-    if isinstance(data, dict):
-        for key, value in data.items():
-            _check_arrays(value, f"{argument}[{key!r}]")
-        return
-    if isinstance(data, (list, tuple)):
-        for position, value in enumerate(data):
-            _check_arrays(value, f"{argument}[{position}]")
-        return
-    if hasattr(data, "__array__") or isinstance(data, (np.ndarray, tf.Tensor)):
-        array = np.asarray(data)
-        if array.shape[:1] == (0,) or array.size == 0:
-            raise ValueError(f"`{argument}` is empty: the transfer set needs at least one example.")
-        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
-            bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-            raise ValueError(
-                f"`{argument}` contains {bad} NaN/Inf values; clean the data before distilling."
-            )

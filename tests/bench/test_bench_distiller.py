@@ -13,18 +13,11 @@ import numpy as np
 import pytest
 
 from kdtfp.bench import distiller as bench
+from kdtfp.bench import timing
+from kdtfp.bench.distiller import RATIOS
+from kdtfp.bench.distiller_variants import loss_on_batch, make_student, make_variant
 from kdtfp.teachers import mlp
 
-RATIOS = (
-    "ratio_vs_handwritten",
-    "ratio_vs_keras_distiller",
-    "cache_speedup",
-    "dm_overhead",
-    "ratio_jit",
-    "ratio_vs_handwritten_compute_bound",
-    "ratio_vs_keras_distiller_compute_bound",
-    "dm_overhead_overhead_bound",
-)
 TIMES = (
     "handwritten_overhead_bound",
     "kdtfp_overhead_bound",
@@ -96,7 +89,7 @@ def test_interleaved_medians_rotates_the_order_and_takes_medians():
 
         return run
 
-    result = bench.interleaved_medians({"a": block("a"), "b": block("b")}, repeats=3)
+    result = timing.interleaved_medians({"a": block("a"), "b": block("b")}, repeats=3)
     assert calls == ["a", "b", "b", "a", "a", "b"]
     assert result["a"]["median"] == 2.0 and result["b"]["median"] == 20.0
     assert result["a"]["samples"] == [3.0, 1.0, 2.0]
@@ -104,23 +97,23 @@ def test_interleaved_medians_rotates_the_order_and_takes_medians():
 
 
 def test_ratio_estimates_pairs_samples_of_the_same_repeat():
-    estimates = bench.ratio_estimates([2.0, 4.0, 9.0], [1.0, 4.0, 3.0])
+    estimates = timing.ratio_estimates([2.0, 4.0, 9.0], [1.0, 4.0, 3.0])
     assert estimates["of_medians"] == pytest.approx(4.0 / 3.0)
     assert estimates["paired_median"] == pytest.approx(2.0)  # median of 2, 1, 3
     assert estimates["of_mins"] == pytest.approx(2.0)
 
 
 def test_dense_flops_counts_two_flops_per_weight_of_every_dense_kernel():
-    assert bench.dense_flops(mlp(64, (256, 256), 10)) == 2 * (64 * 256 + 256 * 256 + 256 * 10)
+    assert timing.dense_flops(mlp(64, (256, 256), 10)) == 2 * (64 * 256 + 256 * 256 + 256 * 10)
 
 
 def test_variants_compute_the_same_soft_target_loss_from_the_same_weights():
     settings = bench.Settings()
     teacher = mlp(64, (256, 256), 10, name="teacher", seed=0)
-    reference = bench._student(settings)
+    reference = make_student(settings)
     x = np.random.default_rng(0).standard_normal((64, 64)).astype("float32")
     losses = {
-        kind: bench._loss_on_batch(bench._variant(kind, settings, teacher, reference), x, x)
+        kind: loss_on_batch(make_variant(kind, settings, teacher, reference), x, x)
         for kind in ("handwritten", "kdtfp", "keras_distiller", "kdtfp_jit")
     }
     # Reference: T^2 * KL(softmax(t/T) || softmax(s/T)), batch mean, in NumPy.

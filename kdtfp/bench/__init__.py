@@ -6,7 +6,7 @@ on the same models, data and settings, interleaved, in the same run (DESIGN.md s
 The timing helpers below are shared by the benchmarks.
 """
 
-from kdtfp.bench.distiller import (
+from kdtfp.bench.timing import (
     epoch_timer,
     interleaved_medians,
     ratio_estimates,

@@ -52,23 +52,27 @@ Usage:
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
-import statistics
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import keras
 import numpy as np
 import tensorflow as tf
-from keras import ops
 
 import kdtfp
-from kdtfp.distill import Distiller, teacher_cached_dataset
-from kdtfp.losses import DerivativeMatching, SoftTargetKL
+from kdtfp.bench.distiller_variants import loss_on_batch, make_student, make_variant
+from kdtfp.bench.timing import (
+    calibrate_executions,
+    dense_flops,
+    epoch_timer,
+    interleaved_medians,
+    ratio_estimates,
+    step_timer,
+)
+from kdtfp.distill import teacher_cached_dataset
 from kdtfp.teachers import mlp
 
 GOALS = {
@@ -77,6 +81,23 @@ GOALS = {
     "cache_speedup": (">=", 1.5),
     "dm_overhead": ("<=", 3.0),
 }
+
+# Every ratio reported: name -> (numerator, denominator), both keys of `times_ms`. The order is
+# the order of the table.
+RATIO_TERMS = {
+    "ratio_vs_handwritten": ("kdtfp_overhead_bound", "handwritten_overhead_bound"),
+    "ratio_vs_keras_distiller": ("kdtfp_overhead_bound", "keras_distiller_overhead_bound"),
+    "cache_speedup": ("kdtfp_recompute_epoch", "kdtfp_cached_epoch"),
+    "dm_overhead": ("kdtfp_dm_compute_bound", "kdtfp_compute_bound"),
+    "ratio_jit": ("kdtfp_jit_overhead_bound", "kdtfp_overhead_bound"),
+    "ratio_vs_handwritten_compute_bound": ("kdtfp_compute_bound", "handwritten_compute_bound"),
+    "ratio_vs_keras_distiller_compute_bound": (
+        "kdtfp_compute_bound",
+        "keras_distiller_compute_bound",
+    ),
+    "dm_overhead_overhead_bound": ("kdtfp_dm_overhead_bound", "kdtfp_overhead_bound"),
+}
+RATIOS = tuple(RATIO_TERMS)
 
 
 @dataclass(frozen=True)
@@ -103,215 +124,6 @@ class Settings:
         if quick:
             return cls(num_examples=4096, epoch_examples=8192, repeats=5, block_seconds=0.08)
         return cls()
-
-
-# ---------------------------------------------------------------------- timing helpers (reusable)
-
-
-def run_steps(model, iterator, executions: int) -> None:
-    """Runs `executions` calls of `model.train_function` (each `steps_per_execution` steps).
-
-    This is exactly what `fit` does per execution, minus callbacks and the progress bar. The
-    last call's logs are read back to the host, so all queued work is finished on return.
-    """
-    logs = None
-    for _ in range(executions):
-        logs = model.train_function(iterator)
-    if logs is not None:
-        next(iter(logs.values())).numpy()
-
-
-def time_block(fn: Callable[[], None]) -> float:
-    """Wall-clock seconds of one call of `fn`, with Python's garbage collector paused.
-
-    (A full `gc.collect()` takes ~0.3 s once TensorFlow is loaded, so only the youngest
-    generation is collected before the block.)
-    """
-    gc.collect(0)
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-    finally:
-        gc.enable()
-
-
-def interleaved_medians(blocks: dict[str, Callable[[], float]], repeats: int) -> dict[str, dict]:
-    """Runs the timing blocks interleaved (A, B, C, A, B, C, ...) `repeats` times.
-
-    `blocks[name]()` times one block and returns its cost in the caller's unit (e.g. ms per
-    step). Returns `{name: {"median": m, "min": ..., "max": ..., "samples": [...]}}`. The order
-    of the variants is rotated every repeat, so no variant always runs right after the same one.
-    """
-    names = list(blocks)
-    samples = {name: [] for name in names}
-    for repeat in range(repeats):
-        shift = repeat % len(names)
-        for name in names[shift:] + names[:shift]:
-            samples[name].append(blocks[name]())
-    return {
-        name: {
-            "median": statistics.median(values),
-            "min": min(values),
-            "max": max(values),
-            "samples": values,
-        }
-        for name, values in samples.items()
-    }
-
-
-def ratio_estimates(numerator: list[float], denominator: list[float]) -> dict[str, float]:
-    """Three estimates of `numerator / denominator` from interleaved samples (same repeat order).
-
-    `of_medians` is the headline; `paired_median` (median over repeats of the ratio of the two
-    blocks of one repeat, which ran close in time) and `of_mins` (the least disturbed blocks)
-    are less sensitive to load from other processes. If they disagree, the machine was noisy.
-    """
-    paired = [a / b for a, b in zip(numerator, denominator, strict=True)]
-    return {
-        "of_medians": statistics.median(numerator) / statistics.median(denominator),
-        "paired_median": statistics.median(paired),
-        "of_mins": min(numerator) / min(denominator),
-    }
-
-
-def step_timer(model, dataset, executions: int, steps_per_execution: int) -> Callable[[], float]:
-    """A block timer: `executions` executions on an endless iterator, in ms per training step."""
-    iterator = iter(dataset.repeat())
-    run_steps(model, iterator, 1)  # warm-up on this iterator (a retrace here is not timed)
-
-    def block() -> float:
-        seconds = time_block(lambda: run_steps(model, iterator, executions))
-        return 1e3 * seconds / (executions * steps_per_execution)
-
-    return block
-
-
-def epoch_timer(model, dataset, executions: int) -> Callable[[], float]:
-    """A block timer: one full pass over `dataset` (a fresh iterator each time), in ms per epoch."""
-    run_steps(model, iter(dataset), 1)
-
-    def block() -> float:
-        iterator = iter(dataset)  # creating the iterator (shuffle buffer fill) is part of an epoch
-        return 1e3 * time_block(lambda: run_steps(model, iterator, executions))
-
-    return block
-
-
-def calibrate_executions(model, dataset, target_seconds: float) -> int:
-    """Executions per block so that a block of `model` lasts about `target_seconds`."""
-    iterator = iter(dataset.repeat())
-    run_steps(model, iterator, 1)
-    seconds = time_block(lambda: run_steps(model, iterator, 2)) / 2
-    return max(1, round(target_seconds / max(seconds, 1e-6)))
-
-
-# ---------------------------------------------------------------------- the models compared
-
-
-class HandwrittenKD(keras.Model):
-    """The baseline: what a Keras user writes by hand for soft-target KD (no framework)."""
-
-    def __init__(self, student, teacher, temperature, **kwargs):
-        super().__init__(**kwargs)
-        self.student = student
-        self.teacher = teacher
-        self.teacher.trainable = False
-        self.temperature = float(temperature)
-
-    def call(self, inputs, training=None):
-        return self.student(inputs, training=training)
-
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        if y_pred is None:
-            y_pred = self.student(x, training=training)
-        teacher_logits = ops.stop_gradient(self.teacher(x, training=False))
-        t = self.temperature
-        teacher_log_probs = ops.log_softmax(teacher_logits / t, axis=-1)
-        student_log_probs = ops.log_softmax(y_pred / t, axis=-1)
-        kl = ops.sum(ops.exp(teacher_log_probs) * (teacher_log_probs - student_log_probs), axis=-1)
-        return ops.mean(kl) * (t * t)
-
-
-def dense_flops(model) -> int:
-    """Forward-pass FLOPs per example of an MLP: 2 * fan_in * fan_out per Dense layer (biases and
-    activations, O(width), are left out)."""
-    total = 0
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.Dense):
-            total += 2 * int(np.prod(layer.kernel.shape))
-    return total
-
-
-def _student(settings, source=None, name="student"):
-    student = mlp(
-        settings.input_dim,
-        settings.student_hidden,
-        settings.num_classes,
-        name=name,
-        seed=settings.seed + 100,
-    )
-    if source is not None:
-        student.set_weights(source.get_weights())
-    return student
-
-
-def _compile(model, settings, jit_compile=False, **kwargs):
-    model.compile(
-        optimizer=keras.optimizers.Adam(settings.learning_rate),
-        steps_per_execution=settings.steps_per_execution,
-        jit_compile=jit_compile,
-        **kwargs,
-    )
-    return model
-
-
-def _variant(kind, settings, teacher, reference_student, jit_compile=False):
-    """Builds and compiles one variant around a fresh copy of the reference student."""
-    student = _student(settings, reference_student, name=f"student_{kind}")
-    soft = SoftTargetKL(settings.temperature)
-    if kind in ("kdtfp", "kdtfp_cached", "kdtfp_jit"):
-        model = Distiller(student, teacher, [(soft, 1.0)], name=f"distiller_{kind}")
-        return _compile(model, settings, jit_compile=jit_compile)
-    if kind == "kdtfp_dm":
-        dm = DerivativeMatching(mode="projection", num_projections=1)
-        model = Distiller(
-            student, teacher, [(soft, 1.0), (dm, 1.0)], seed=settings.seed, name=f"distiller_{kind}"
-        )
-        return _compile(model, settings, jit_compile=jit_compile)
-    if kind == "handwritten":
-        return _compile(
-            HandwrittenKD(student, teacher, settings.temperature, name="handwritten"),
-            settings,
-            jit_compile,
-        )
-    if kind == "keras_distiller":
-        model = keras.distillation.Distiller(
-            teacher=teacher,
-            student=student,
-            distillation_losses=keras.distillation.LogitsDistillation(
-                temperature=settings.temperature, loss=keras.losses.KLDivergence()
-            ),
-            student_loss_weight=0.0,  # pure soft targets, like the other variants (y is not given)
-            name="keras_distiller",
-        )
-        # `loss` is mandatory in its compile; with student_loss_weight=0 it is never evaluated.
-        return _compile(
-            model,
-            settings,
-            jit_compile,
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        )
-    raise ValueError(f"Unknown variant {kind!r}.")
-
-
-def _loss_on_batch(model, inputs, x):
-    """The variant's training loss on one batch, before any step (same weights everywhere)."""
-    y_pred = model.student(x, training=False)
-    return float(
-        ops.convert_to_numpy(model.compute_loss(x=inputs, y=None, y_pred=y_pred, training=False))
-    )
 
 
 def _warm_up(model, dataset, settings):
@@ -380,7 +192,7 @@ def run(quick: bool = False, json_path: str | None = None, verbose: bool = True)
         name="teacher_small",
         seed=settings.seed + 10,
     )
-    reference_student = _student(settings)
+    reference_student = make_student(settings)
     dataset = _plain_dataset(x, settings)
     times, medians, blocks, phases = {}, {}, {}, {}
 
@@ -388,13 +200,13 @@ def run(quick: bool = False, json_path: str | None = None, verbose: bool = True)
     # compared before any of them takes a step.
     phase = time.perf_counter()
     overhead = {
-        kind: _variant(
+        kind: make_variant(
             kind, settings, small_teacher, reference_student, jit_compile=(kind == "kdtfp_jit")
         )
         for kind in ("handwritten", "kdtfp", "keras_distiller", "kdtfp_jit", "kdtfp_dm")
     }
     compute = {
-        kind: _variant(kind, settings, big_teacher, reference_student)
+        kind: make_variant(kind, settings, big_teacher, reference_student)
         for kind in ("handwritten", "kdtfp", "keras_distiller", "kdtfp_dm")
     }
     big_teacher(x_check[:1], training=False)  # first eager call (kernel setup) not counted below
@@ -409,45 +221,37 @@ def run(quick: bool = False, json_path: str | None = None, verbose: bool = True)
         .batch(settings.batch_size)
         .prefetch(tf.data.AUTOTUNE)
     )
-    cached_model = _variant("kdtfp_cached", settings, big_teacher, reference_student)
+    cached_model = make_variant("kdtfp_cached", settings, big_teacher, reference_student)
     cached_batch = next(iter(cached_dataset.take(1)))
     loss_checks = [
-        [_loss_on_batch(m, x_check, x_check) for k, m in overhead.items() if k != "kdtfp_dm"],
-        [_loss_on_batch(m, x_check, x_check) for k, m in compute.items() if k != "kdtfp_dm"],
+        [loss_on_batch(m, x_check, x_check) for k, m in overhead.items() if k != "kdtfp_dm"],
+        [loss_on_batch(m, x_check, x_check) for k, m in compute.items() if k != "kdtfp_dm"],
         [
-            _loss_on_batch(compute["kdtfp"], cached_batch["inputs"], cached_batch["inputs"]),
-            _loss_on_batch(cached_model, cached_batch, cached_batch["inputs"]),
+            loss_on_batch(compute["kdtfp"], cached_batch["inputs"], cached_batch["inputs"]),
+            loss_on_batch(cached_model, cached_batch, cached_batch["inputs"]),
         ],
     ]
     phases["build"] = time.perf_counter() - phase
 
-    # 1. overhead-bound: framework overhead per step, and jit.
-    log(
-        f"[bench distiller] overhead-bound: teacher {_arch(settings, settings.overhead_teacher_hidden)}"
+    # 1. overhead-bound: framework overhead per step, and jit (small teacher).
+    # 2. compute-bound: the same framework ratios, and derivative matching (big teacher).
+    groups = (
+        ("overhead_bound", settings.overhead_teacher_hidden, overhead),
+        ("compute_bound", settings.teacher_hidden, compute),
     )
-    phase = time.perf_counter()
-    for model in overhead.values():
-        _warm_up(model, dataset, settings)
-    phases["overhead_bound_warm_up"] = time.perf_counter() - phase
-    phase = time.perf_counter()
-    result, blocks["overhead_bound"] = _time_group(overhead, dataset, settings, "kdtfp", log)
-    for name, stats in result.items():
-        times[f"{name}_overhead_bound"] = stats["median"]
-        medians[f"{name}_overhead_bound"] = stats
-    phases["overhead_bound_timing"] = time.perf_counter() - phase
-
-    # 2. compute-bound: the same framework ratios, and derivative matching.
-    log(f"[bench distiller] compute-bound: teacher {_arch(settings, settings.teacher_hidden)}")
-    phase = time.perf_counter()
-    for model in compute.values():
-        _warm_up(model, dataset, settings)
-    phases["compute_bound_warm_up"] = time.perf_counter() - phase
-    phase = time.perf_counter()
-    result, blocks["compute_bound"] = _time_group(compute, dataset, settings, "kdtfp", log)
-    for name, stats in result.items():
-        times[f"{name}_compute_bound"] = stats["median"]
-        medians[f"{name}_compute_bound"] = stats
-    phases["compute_bound_timing"] = time.perf_counter() - phase
+    for group, teacher_hidden, variants in groups:
+        arch = _arch(settings.input_dim, teacher_hidden, settings.num_classes)
+        log(f"[bench distiller] {group.replace('_', '-')}: teacher {arch}")
+        phase = time.perf_counter()
+        for model in variants.values():
+            _warm_up(model, dataset, settings)
+        phases[f"{group}_warm_up"] = time.perf_counter() - phase
+        phase = time.perf_counter()
+        result, blocks[group] = _time_group(variants, dataset, settings, "kdtfp", log)
+        for name, stats in result.items():
+            times[f"{name}_{group}"] = stats["median"]
+            medians[f"{name}_{group}"] = stats
+        phases[f"{group}_timing"] = time.perf_counter() - phase
 
     # 3. compute-bound epochs: recomputing the teacher vs teacher_cached_dataset (same Distiller
     # class, same shuffle/batch/prefetch pipeline; the cached one also carries the outputs).
@@ -468,23 +272,10 @@ def run(quick: bool = False, json_path: str | None = None, verbose: bool = True)
     phases["epochs"] = time.perf_counter() - phase
 
     # 4. ratios: numerator / denominator, both medians over the interleaved blocks.
-    ratio_terms = {
-        "ratio_vs_handwritten": ("kdtfp_overhead_bound", "handwritten_overhead_bound"),
-        "ratio_vs_keras_distiller": ("kdtfp_overhead_bound", "keras_distiller_overhead_bound"),
-        "cache_speedup": ("kdtfp_recompute_epoch", "kdtfp_cached_epoch"),
-        "dm_overhead": ("kdtfp_dm_compute_bound", "kdtfp_compute_bound"),
-        "ratio_jit": ("kdtfp_jit_overhead_bound", "kdtfp_overhead_bound"),
-        "ratio_vs_handwritten_compute_bound": ("kdtfp_compute_bound", "handwritten_compute_bound"),
-        "ratio_vs_keras_distiller_compute_bound": (
-            "kdtfp_compute_bound",
-            "keras_distiller_compute_bound",
-        ),
-        "dm_overhead_overhead_bound": ("kdtfp_dm_overhead_bound", "kdtfp_overhead_bound"),
-    }
-    ratios = {name: times[a] / times[b] for name, (a, b) in ratio_terms.items()}
+    ratios = {name: times[a] / times[b] for name, (a, b) in RATIO_TERMS.items()}
     estimates = {
         name: ratio_estimates(medians[a]["samples"], medians[b]["samples"])
-        for name, (a, b) in ratio_terms.items()
+        for name, (a, b) in RATIO_TERMS.items()
     }
     saved_per_epoch = times["kdtfp_recompute_epoch"] - times["kdtfp_cached_epoch"]
     loss_diff = max(max(group) - min(group) for group in loss_checks)
@@ -538,21 +329,26 @@ def run(quick: bool = False, json_path: str | None = None, verbose: bool = True)
     return output
 
 
-def _arch(settings, hidden):
-    return "-".join(str(width) for width in (settings.input_dim, *hidden, settings.num_classes))
+def _arch(input_dim, hidden, num_classes):
+    """An MLP's layer widths, e.g. "64-256-256-10"."""
+    return "-".join(str(width) for width in (input_dim, *hidden, num_classes))
 
 
 def format_table(output: dict) -> str:
     """A readable summary of `run`'s result."""
     settings = output["settings"]
     times = output["times_ms"]
+    student, teacher, overhead_teacher = (
+        _arch(settings["input_dim"], settings[key], settings["num_classes"])
+        for key in ("student_hidden", "teacher_hidden", "overhead_teacher_hidden")
+    )
     lines = [
         f"kdtfp bench distiller  (keras {output['keras_version']}, tf {output['tf_version']}, "
         f"{settings['device']} x{settings['cpu_count']}, batch {settings['batch_size']}, "
         f"steps_per_execution {settings['steps_per_execution']}, repeats {settings['repeats']}, jit off unless noted)",
-        f"student {_arch_from(settings, settings['student_hidden'])}: {output['student_flops_per_example']:,} FLOPs/example; "
-        f"teacher {_arch_from(settings, settings['teacher_hidden'])}: {output['teacher_flops_per_example']:,} "
-        f"(compute-bound), {_arch_from(settings, settings['overhead_teacher_hidden'])}: "
+        f"student {student}: {output['student_flops_per_example']:,} FLOPs/example; "
+        f"teacher {teacher}: {output['teacher_flops_per_example']:,} "
+        f"(compute-bound), {overhead_teacher}: "
         f"{output['overhead_teacher_flops_per_example']:,} (overhead-bound)",
         "",
         f"{'variant':<22}{'overhead-bound ms/step':>24}{'compute-bound ms/step':>24}",
@@ -569,16 +365,7 @@ def format_table(output: dict) -> str:
         "",
         f"{'ratio (of medians)':<40}{'value':>8}{'paired':>8}{'of mins':>9}  goal",
     ]
-    for name in (
-        "ratio_vs_handwritten",
-        "ratio_vs_keras_distiller",
-        "cache_speedup",
-        "dm_overhead",
-        "ratio_jit",
-        "ratio_vs_handwritten_compute_bound",
-        "ratio_vs_keras_distiller_compute_bound",
-        "dm_overhead_overhead_bound",
-    ):
+    for name in RATIOS:
         estimate = output["ratio_estimates"][name]
         if name in output["goals"]:
             goal = f"{output['goals'][name]} ({'met' if output['goals_met'][name] else 'MISSED'})"
@@ -593,12 +380,6 @@ def format_table(output: dict) -> str:
     phases = ", ".join(f"{name} {seconds:.1f}" for name, seconds in output["phase_seconds"].items())
     lines.append(f"total {output['seconds']:.1f} s ({phases})")
     return "\n".join(lines)
-
-
-def _arch_from(settings, hidden):
-    return "-".join(
-        str(width) for width in (settings["input_dim"], *hidden, settings["num_classes"])
-    )
 
 
 def _fmt(value):

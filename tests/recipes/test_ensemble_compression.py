@@ -15,30 +15,23 @@ from kdtfp.recipes import ensemble_compression as recipe
 SIZES = (25, 50, 100, 200, 1200)
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ensemble-compression")
+def run_quick(out, *flags):
     json_path = out / "m.json"
     completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kdtfp.cli",
-            "run",
-            "ensemble-compression",
-            "--quick",
-            "--out",
-            str(out),
-            "--json",
-            str(json_path),
-        ],
+        [sys.executable, "-m", "kdtfp.cli", "run", "ensemble-compression", "--quick"]
+        + ["--out", str(out), "--json", str(json_path), *flags],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return out, json.loads(json_path.read_text()), completed.stdout
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    return run_quick(tmp_path_factory.mktemp("ensemble-compression"))
 
 
 @pytest.mark.slow
@@ -88,3 +81,12 @@ def test_student_trains_under_mirrored_strategy(mirrored_strategy):
             teacher, x, y, variant, settings, seed=0, strategy=mirrored_strategy, jit=False
         )
         assert np.all(np.isfinite(np.asarray(student(split.x_test[:4]))))
+
+
+@pytest.mark.slow
+def test_quick_run_under_mirrored_strategy_writes_the_same_metrics(quick_run, tmp_path):
+    # The whole recipe from the command line on 2 replicas (logical CPUs without a GPU).
+    _, record, _ = run_quick(tmp_path, "--strategy", "mirrored", "--devices", "2")
+    assert record["settings"]["replicas"] == 2
+    assert set(record["metrics"]) == set(quick_run[1]["metrics"])
+    assert abs(record["metrics"]["acc_dm_n1200"] - quick_run[1]["metrics"]["acc_dm_n1200"]) < 0.03

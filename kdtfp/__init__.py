@@ -4,6 +4,7 @@ Built on TensorFlow, Keras 3 and TensorFlow Probability. The public pieces:
 
 * `kdtfp.Distiller` — a `keras.Model` that trains a student against a frozen teacher;
 * `kdtfp.losses` — distillation objectives as `keras.losses.Loss` objects;
+* `kdtfp.optimizers` — SGLD and preconditioned SGLD as Keras 3 optimizers;
 * `kdtfp.callbacks` — loss-weight and temperature schedules;
 * `kdtfp.teachers` — teacher builders (MLPs, bagged ensembles);
 * `kdtfp.datasets` — offline data and transfer-set samplers;
@@ -20,7 +21,17 @@ from kdtfp._stack import check_stack  # noqa: E402
 
 check_stack()
 
-from kdtfp import callbacks, datasets, distill, distribute, export, losses, metrics, teachers  # noqa: E402
+from kdtfp import (  # noqa: E402
+    callbacks,
+    datasets,
+    distill,
+    distribute,
+    export,
+    losses,
+    metrics,
+    optimizers,
+    teachers,
+)
 from kdtfp.distill import DistillationObjective, Distiller, FeatureDistillation  # noqa: E402
 
 __version__ = "0.1.0"
@@ -36,5 +47,6 @@ __all__ = [
     "export",
     "losses",
     "metrics",
+    "optimizers",
     "teachers",
 ]

@@ -1,6 +1,7 @@
 """Distillation objectives as `keras.losses.Loss` objects (replica scaling comes from Keras)."""
 
 from kdtfp.losses.derivative_matching import DerivativeMatching
+from kdtfp.losses.dirichlet_posterior import TeacherDirichletPosterior
 from kdtfp.losses.soft_target import SoftTargetKL
 
-__all__ = ["DerivativeMatching", "SoftTargetKL"]
+__all__ = ["DerivativeMatching", "SoftTargetKL", "TeacherDirichletPosterior"]

@@ -30,6 +30,7 @@ from kdtfp import (  # noqa: E402
     losses,
     metrics,
     optimizers,
+    predictive,
     teachers,
 )
 from kdtfp.distill import DistillationObjective, Distiller, FeatureDistillation  # noqa: E402
@@ -48,5 +49,6 @@ __all__ = [
     "losses",
     "metrics",
     "optimizers",
+    "predictive",
     "teachers",
 ]

@@ -1,5 +1,6 @@
-"""Keras callbacks: loss-weight and temperature schedules."""
+"""Keras callbacks: posterior sample collection, loss-weight and temperature schedules."""
 
+from kdtfp.callbacks.posterior import PosteriorSampler
 from kdtfp.callbacks.schedules import LossWeightSchedule, TemperatureSchedule
 
-__all__ = ["LossWeightSchedule", "TemperatureSchedule"]
+__all__ = ["LossWeightSchedule", "PosteriorSampler", "TemperatureSchedule"]

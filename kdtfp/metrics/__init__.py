@@ -1,4 +1,5 @@
-"""Evaluation metrics of students against labels and teachers (NumPy, float64)."""
+"""Evaluation metrics of students against labels and teachers (NumPy, float64), plus streaming
+Keras metrics for calibration."""
 
 from kdtfp.metrics.classification import (
     accuracy,
@@ -7,5 +8,36 @@ from kdtfp.metrics.classification import (
     log_softmax,
     mean_log_likelihood,
 )
+from kdtfp.metrics.keras_metrics import BrierScore, ExpectedCalibrationError
+from kdtfp.metrics.uncertainty import (
+    brier_score,
+    calibration_bin_sums,
+    coverage_credible_set,
+    coverage_oracle_set,
+    credible_set,
+    deviance_auroc,
+    expected_calibration_error,
+    interval_coverage,
+    interval_coverage_per_class,
+    negative_log_likelihood,
+)
 
-__all__ = ["accuracy", "agreement", "kl_divergence", "log_softmax", "mean_log_likelihood"]
+__all__ = [
+    "BrierScore",
+    "ExpectedCalibrationError",
+    "accuracy",
+    "agreement",
+    "brier_score",
+    "calibration_bin_sums",
+    "coverage_credible_set",
+    "coverage_oracle_set",
+    "credible_set",
+    "deviance_auroc",
+    "expected_calibration_error",
+    "interval_coverage",
+    "interval_coverage_per_class",
+    "kl_divergence",
+    "log_softmax",
+    "mean_log_likelihood",
+    "negative_log_likelihood",
+]

@@ -7,6 +7,8 @@ import os
 import keras
 import tensorflow as tf
 
+from kdtfp.distill.checks import single_symbolic_input
+
 
 def _student_of(model_or_distiller):
     from kdtfp.distill.distiller import Distiller
@@ -23,13 +25,10 @@ def _student_of(model_or_distiller):
 def _input_spec(student, input_signature):
     if input_signature is not None:
         return input_signature
-    try:
-        inputs = student.inputs
-    except (AttributeError, ValueError):
-        inputs = None
-    if inputs and len(inputs) == 1:
+    symbolic = single_symbolic_input(student)
+    if symbolic is not None:
         return tf.TensorSpec(
-            (None,) + tuple(inputs[0].shape[1:]), inputs[0].dtype or "float32", name="inputs"
+            (None,) + tuple(symbolic.shape[1:]), symbolic.dtype or "float32", name="inputs"
         )
     raise ValueError(
         "`input_signature` is needed: the student has no symbolic input (subclassed model). Pass e.g. "

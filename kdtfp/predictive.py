@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kdtfp.metrics.classification import log_softmax
 from kdtfp.metrics.uncertainty import credible_set
 
 
@@ -11,12 +12,6 @@ def _xlogx(q):
     """`q * log(q)` with `0 * log(0) = 0` (xlogy-style, no NaN at q = 0)."""
     safe = np.where(q > 0, q, 1.0)
     return np.where(q > 0, q * np.log(safe), 0.0)
-
-
-def _softmax(z):
-    z = z - np.max(z, axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / np.sum(e, axis=-1, keepdims=True)
 
 
 def predict_distribution(
@@ -83,7 +78,7 @@ def predict_distribution(
             for var, value in zip(variables, sample, strict=True):
                 var.assign(np.asarray(value, dtype=var.dtype))
             out = np.asarray(model.predict(x, batch_size=batch_size, verbose=0), np.float64)
-            probs.append(_softmax(out) if from_logits else out)
+            probs.append(np.exp(log_softmax(out)) if from_logits else out)
     finally:
         for var, value in zip(variables, original, strict=True):
             var.assign(value)

@@ -21,14 +21,18 @@ def static_output_shape(model):
     return None
 
 
-def static_input_shape(model):
+def single_symbolic_input(model):
+    """The model's one symbolic input (a KerasTensor), or None (subclassed or several inputs)."""
     try:
         inputs = model.inputs
     except (AttributeError, ValueError):
         return None
-    if inputs and len(inputs) == 1:
-        return tuple(inputs[0].shape)
-    return None
+    return inputs[0] if inputs and len(inputs) == 1 else None
+
+
+def static_input_shape(model):
+    symbolic = single_symbolic_input(model)
+    return None if symbolic is None else tuple(symbolic.shape)
 
 
 def check_same_shape(teacher_shape, student_shape):

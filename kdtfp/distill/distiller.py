@@ -151,7 +151,7 @@ class Distiller(keras.Model):
         )
         self.seed_generator = keras.random.SeedGenerator(seed)
         self._check_output_shapes()
-        self._buildfeature_extractors()
+        self._build_feature_extractors()
         # One metric per active term (no `student_loss` metric without a student loss).
         self.term_trackers = [keras.metrics.Mean(name=o.name) for o in self.objectives]
         if self.student_loss is not None:
@@ -163,9 +163,8 @@ class Distiller(keras.Model):
         """Puts a tempered loss's temperature into a variable of this model (for schedules)."""
         if not hasattr(objective.loss, "temperature"):
             return objective
-        objective = DistillationObjective.from_config(
-            objective.get_config()
-        )  # do not mutate the caller's loss
+        # A copy, so that the caller's loss object is not mutated.
+        objective = DistillationObjective.from_config(objective.get_config())
         objective.loss.temperature = self.add_weight(
             name=f"{objective.name}_temperature",
             shape=(),
@@ -191,7 +190,7 @@ class Distiller(keras.Model):
                 f"student {student_input}. They must read the same x."
             )
 
-    def _buildfeature_extractors(self):
+    def _build_feature_extractors(self):
         feature_objectives = [o for o in self.objectives if o.uses_features]
         self.teacher_features = None
         self.student_features = None

@@ -1,14 +1,18 @@
-"""Offline data (sklearn's bundled sets, Old Faithful) and transfer-set samplers."""
+"""Offline data (sklearn's bundled sets, Old Faithful), synthetic data with known truth, and
+transfer-set samplers."""
 
 from kdtfp.datasets.offline import Split, load_digits_split, load_faithful
+from kdtfp.datasets.synthetic import KnownProbabilities, softmax_truth
 from kdtfp.datasets.transfer import gaussian_inputs, gaussian_noise, pixel_kde, subset
 
 __all__ = [
+    "KnownProbabilities",
     "Split",
     "gaussian_inputs",
     "gaussian_noise",
     "load_digits_split",
     "load_faithful",
     "pixel_kde",
+    "softmax_truth",
     "subset",
 ]

@@ -5,7 +5,10 @@ Built on TensorFlow, Keras 3 and TensorFlow Probability. The public pieces:
 * `kdtfp.Distiller` — a `keras.Model` that trains a student against a frozen teacher;
 * `kdtfp.losses` — distillation objectives as `keras.losses.Loss` objects;
 * `kdtfp.optimizers` — SGLD and preconditioned SGLD as Keras 3 optimizers;
-* `kdtfp.callbacks` — loss-weight and temperature schedules;
+* `kdtfp.layers` — Keras 3 layers over TFP (mean-field variational dense layers);
+* `kdtfp.models` — students (a posterior ensemble of weight samples);
+* `kdtfp.callbacks` — loss-weight and temperature schedules, posterior sample collection;
+* `kdtfp.predictive` — posterior predictive summaries from weight or forward samples;
 * `kdtfp.teachers` — teacher builders (MLPs, bagged ensembles);
 * `kdtfp.datasets` — offline data and transfer-set samplers;
 * `kdtfp.metrics` — accuracy, log-likelihood, agreement, KL in float64;
@@ -27,8 +30,10 @@ from kdtfp import (  # noqa: E402
     distill,
     distribute,
     export,
+    layers,
     losses,
     metrics,
+    models,
     optimizers,
     predictive,
     teachers,
@@ -46,8 +51,10 @@ __all__ = [
     "distill",
     "distribute",
     "export",
+    "layers",
     "losses",
     "metrics",
+    "models",
     "optimizers",
     "predictive",
     "teachers",

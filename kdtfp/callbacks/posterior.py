@@ -46,6 +46,10 @@ class PosteriorSampler(keras.callbacks.Callback):
     and `samples` concatenates the chains (for prediction). Chains are truncated to the
     shortest one for the diagnostics.
 
+    **ArviZ.** `to_arviz()` returns the chains as an ArviZ posterior (`[chain, draw, *shape]`
+    per weight, named by the weights' Keras paths), for `arviz.summary`, `arviz.plot_trace`, ...
+    ArviZ is optional: `pip install arviz`.
+
     **Fault tolerance.** With `backup_dir`, the buffer and the step count are written to
     `backup_dir/posterior_sampler.npz` at each epoch end (atomically), and read back at
     `on_train_begin` if the file exists, replacing the in-memory state. Use it beside
@@ -95,6 +99,8 @@ class PosteriorSampler(keras.callbacks.Callback):
         self._buffer: list[list[np.ndarray]] = []
         self._other_chains: list[list[list[np.ndarray]]] = []
         self._epoch_start_step = 0
+        # Keras paths of the sampled weights (`model.trainable_weights[v].path`), set by `fit`.
+        self.weight_names: list[str] | None = None
 
     # ----------------------------------------------------------------------------- chains
     @classmethod
@@ -112,6 +118,7 @@ class PosteriorSampler(keras.callbacks.Callback):
         out = cls(first.burn_in, first.thin, max(1, sum(len(c) for c in chains)), verbose=0)
         out._buffer = [list(w) for w in chains[0]]
         out._other_chains = [[list(w) for w in c] for c in chains[1:]]
+        out.weight_names = next((s.weight_names for s in samplers if s.weight_names), None)
         return out
 
     @property
@@ -138,6 +145,8 @@ class PosteriorSampler(keras.callbacks.Callback):
             for v in range(len(self._buffer[0])):
                 arrays[f"w{v}"] = np.stack([s[v] for s in self._buffer])
             arrays["n_vars"] = np.asarray(len(self._buffer[0]))
+        if self.weight_names:
+            arrays["names"] = np.asarray(self.weight_names, dtype=str)
         tmp = self._backup_path() + ".tmp.npz"
         np.savez(tmp, **arrays)
         os.replace(tmp, self._backup_path())
@@ -145,6 +154,8 @@ class PosteriorSampler(keras.callbacks.Callback):
     def _load_backup(self):
         with np.load(self._backup_path()) as data:
             self.step = int(data["step"])
+            if "names" in data.files:
+                self.weight_names = [str(name) for name in data["names"]]
             n = int(data["n"])
             if n == 0:
                 self._buffer = []
@@ -156,6 +167,8 @@ class PosteriorSampler(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         if self.backup_dir is not None and os.path.exists(self._backup_path()):
             self._load_backup()
+        if self.model is not None:
+            self.weight_names = _unique([v.path for v in self.model.trainable_weights])
         params = self.params or {}
         epochs, steps = params.get("epochs"), params.get("steps")
         if self.step == 0 and epochs and steps and self.burn_in >= epochs * steps:
@@ -248,11 +261,71 @@ class PosteriorSampler(keras.callbacks.Callback):
             "per_weight": per_weight,
         }
 
+    def to_arviz(self, **kwargs):
+        """The chains as an ArviZ posterior: one variable per weight, `[chain, draw, *shape]`.
+
+        Variables are named by the weights' Keras paths (`model.trainable_weights[v].path`,
+        e.g. `"dense/kernel"`), recorded when `fit` starts; a combined sampler uses the names of
+        the first sampler that has them, and samplers that never ran `fit` use `"w0"`, `"w1"`,
+        .... Chains are truncated to the shortest one (as in `summary`); empty chains are left
+        out. Calls `arviz.from_dict(posterior=...)` with ArviZ 0.x (returns `InferenceData`) and
+        `arviz.from_dict({"posterior": ...})` with ArviZ >= 1 (returns an xarray `DataTree`);
+        `kwargs` (e.g. `coords`, `dims`) are passed on. (Names holding `/` must be renamed
+        before writing netCDF.)
+
+        ArviZ is optional and not installed with kdtfp.
+
+        Raises:
+            ImportError: when ArviZ is not installed (`pip install arviz`).
+            ValueError: when the sampler holds no samples.
+
+        Example:
+
+        >>> idata = kdtfp.callbacks.PosteriorSampler.combine([s_a, s_b]).to_arviz()
+        >>> arviz.summary(idata)
+        """
+        try:
+            import arviz
+        except ImportError as error:
+            raise ImportError(
+                "PosteriorSampler.to_arviz() needs ArviZ, which kdtfp does not install: "
+                "pip install arviz"
+            ) from error
+        chains = [c for c in self.chains if c]
+        if not chains:
+            raise ValueError("to_arviz() needs at least one sample; this sampler holds none.")
+        n = min(len(c) for c in chains)
+        num_weights = len(chains[0][0])
+        names = self.weight_names
+        if not names or len(names) != num_weights:
+            names = [f"w{v}" for v in range(num_weights)]
+        posterior = {
+            name: np.stack([np.stack([c[i][v] for i in range(n)]) for c in chains])
+            for v, name in enumerate(names)
+        }
+        major = str(getattr(arviz, "__version__", "0")).split(".")[0]
+        if major.isdigit() and int(major) >= 1:
+            return arviz.from_dict({"posterior": posterior}, **kwargs)
+        return arviz.from_dict(posterior=posterior, **kwargs)
+
     def predict_distribution(self, model, x, level: float = 0.95, **kwargs) -> dict:
         """`kdtfp.predictive.predict_distribution(model, self.samples, x, level, **kwargs)`."""
         from kdtfp.predictive import predict_distribution
 
         return predict_distribution(model, self.samples, x, level=level, **kwargs)
+
+
+def _unique(names):
+    """`names` with repeats made unique by a `_1`, `_2`, ... suffix (ArviZ needs unique names)."""
+    used, out = set(), []
+    for name in names:
+        candidate, count = name, 0
+        while candidate in used:
+            count += 1
+            candidate = f"{name}_{count}"
+        used.add(candidate)
+        out.append(candidate)
+    return out
 
 
 def _nanreduce(fn, values):

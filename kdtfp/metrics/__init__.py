@@ -1,5 +1,5 @@
 """Evaluation metrics of students against labels and teachers (NumPy, float64), plus streaming
-Keras metrics for calibration."""
+Keras metrics for calibration and Bayesian-KD uncertainty."""
 
 from kdtfp.metrics.classification import (
     accuracy,
@@ -8,7 +8,12 @@ from kdtfp.metrics.classification import (
     log_softmax,
     mean_log_likelihood,
 )
-from kdtfp.metrics.keras_metrics import BrierScore, ExpectedCalibrationError
+from kdtfp.metrics.keras_metrics import (
+    BrierScore,
+    CredibleSetCoverage,
+    DevianceAUROC,
+    ExpectedCalibrationError,
+)
 from kdtfp.metrics.uncertainty import (
     brier_score,
     calibration_bin_sums,
@@ -24,6 +29,8 @@ from kdtfp.metrics.uncertainty import (
 
 __all__ = [
     "BrierScore",
+    "CredibleSetCoverage",
+    "DevianceAUROC",
     "ExpectedCalibrationError",
     "accuracy",
     "agreement",

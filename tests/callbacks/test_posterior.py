@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 import keras
 import numpy as np
 import pytest
@@ -255,3 +258,81 @@ def test_buffer_survives_backup_and_restore(tmp_path):
     for got, want in zip(resumed.samples, reference.samples, strict=True):
         np.testing.assert_allclose(got[0], want[0], atol=1e-5)
     assert not (sampler_dir / "posterior_sampler.npz").exists()  # removed after a full run
+
+
+# ------------------------------------------------------------------- ArviZ export
+def _fake_arviz(monkeypatch, version):
+    """Installs a fake `arviz` module whose `from_dict` records its arguments."""
+    calls = []
+    module = types.ModuleType("arviz")
+    module.__version__ = version
+    module.from_dict = lambda *args, **kwargs: calls.append((args, kwargs)) or "idata"
+    monkeypatch.setitem(sys.modules, "arviz", module)
+    return calls
+
+
+def _two_chains():
+    a = PosteriorSampler(burn_in=0, thin=1, max_samples=6, verbose=0)
+    b = PosteriorSampler(burn_in=0, thin=1, max_samples=5, verbose=0)
+    model_a, model_b = _model(seed=0), _model(seed=1)
+    _fit(model_a, a, epochs=2)
+    _fit(model_b, b, epochs=2)
+    return model_a, a, b
+
+
+def test_to_arviz_posterior_is_chain_draw_shape_named_by_weight_paths(monkeypatch):
+    calls = _fake_arviz(monkeypatch, "0.22.0")
+    model, a, b = _two_chains()
+    names = [v.path for v in model.trainable_weights]
+    assert a.weight_names == names and len(set(names)) == 2
+    both = PosteriorSampler.combine([a, b])
+    assert both.weight_names == names  # the first sampler's
+    assert both.to_arviz(coords={"c": [0]}) == "idata"
+    ((args, kwargs),) = calls
+    assert args == () and kwargs["coords"] == {"c": [0]}
+    posterior = kwargs["posterior"]
+    assert list(posterior) == names
+    # Chains truncated to the shortest (5 draws); [chain, draw, *shape].
+    assert posterior[names[0]].shape == (2, 5, D, K) and posterior[names[1]].shape == (2, 5, K)
+    for c, chain in enumerate((a.samples, b.samples)):
+        for i in range(5):
+            for v, name in enumerate(names):
+                np.testing.assert_array_equal(posterior[name][c, i], chain[i][v])
+
+
+def test_to_arviz_uses_the_arviz_1_signature_and_default_names(monkeypatch):
+    calls = _fake_arviz(monkeypatch, "1.2.0")
+    sampler = _sampler_from([np.zeros((4, 2, 3)), np.ones((6, 2, 3))])  # never ran fit
+    sampler.to_arviz()
+    ((args, kwargs),) = calls
+    assert kwargs == {} and set(args[0]) == {"posterior"}
+    assert list(args[0]["posterior"]) == ["w0"]
+    assert args[0]["posterior"]["w0"].shape == (2, 4, 2, 3)
+    with pytest.raises(ValueError, match="no"):
+        PosteriorSampler(0, 1, 1, verbose=0).to_arviz()
+
+
+def test_to_arviz_without_arviz_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "arviz", None)  # makes `import arviz` fail
+    with pytest.raises(ImportError, match="pip install arviz"):
+        _sampler_from([np.zeros((4, 2))]).to_arviz()
+
+
+def test_weight_names_survive_the_backup_file(tmp_path):
+    sampler = _sampler_from([np.zeros((3, 2))])
+    sampler.backup_dir, sampler.weight_names = str(tmp_path), ["dense/kernel"]
+    sampler._save_backup()
+    restored = PosteriorSampler(0, 1, 10, backup_dir=str(tmp_path), verbose=0)
+    restored._load_backup()
+    assert restored.weight_names == ["dense/kernel"] and len(restored.samples) == 3
+
+
+def test_to_arviz_with_real_arviz():
+    pytest.importorskip("arviz")
+    model, a, b = _two_chains()
+    idata = PosteriorSampler.combine([a, b]).to_arviz()
+    posterior = idata["posterior"]
+    for v, weight in enumerate(model.trainable_weights):
+        values = np.asarray(posterior[weight.path])
+        assert values.shape == (2, 5, *weight.shape)
+        np.testing.assert_array_equal(values[0, 0], a.samples[0][v])

@@ -30,6 +30,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/kdtfp bench distiller --json saved_models/bench-distiller.json
+	$(VENV)/bin/kdtfp bench sgld --json saved_models/bench-sgld.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

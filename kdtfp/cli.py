@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-BENCHMARKS = {"distiller": "kdtfp.bench.distiller"}
+BENCHMARKS = {"distiller": "kdtfp.bench.distiller", "sgld": "kdtfp.bench.sgld"}
 
 
 def _parser():

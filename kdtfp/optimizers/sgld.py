@@ -100,15 +100,16 @@ class SGLD(keras.optimizers.Optimizer):
         grad = ops.multiply(ops.cast(gradient, dtype), float(self.data_size))
         precond = self._preconditioner(grad, variable)
         scale = lr if precond is None else ops.multiply(lr, precond)
-        increment = ops.negative(ops.multiply(scale, grad))
-        if self.temperature > 0:
-            noise = keras.random.normal(
-                tuple(variable.shape), dtype=dtype, seed=self._seed_generator
+        if self.temperature == 0:
+            self.assign_sub(variable, ops.multiply(scale, grad))
+            return
+        noise = keras.random.normal(tuple(variable.shape), dtype=dtype, seed=self._seed_generator)
+        std = ops.sqrt(ops.multiply(scale, 2.0 * self.temperature))
+        if self.burn_in_steps > 0:  # a Python branch: no per-step ops when there is no burn-in
+            std = ops.multiply(
+                std, ops.cast(ops.greater_equal(self.iterations, self.burn_in_steps), dtype)
             )
-            on = ops.cast(ops.greater_equal(self.iterations, self.burn_in_steps), dtype)
-            std = ops.sqrt(ops.multiply(scale, 2.0 * self.temperature))
-            increment = ops.add(increment, ops.multiply(ops.multiply(std, on), noise))
-        self.assign_add(variable, increment)
+        self.assign_add(variable, ops.subtract(ops.multiply(std, noise), ops.multiply(scale, grad)))
 
     def get_config(self):
         config = super().get_config()

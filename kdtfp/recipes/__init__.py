@@ -15,6 +15,10 @@ RECIPES = {
         "kdtfp.recipes.ensemble_compression",
         "bagged MLP ensemble -> 64-16-10 MLP with/without derivative matching, vs transfer-set size (digits)",
     ),
+    "bkd": (
+        "kdtfp.recipes.bkd",
+        "Bayesian KD: SGLD posterior of a student under a teacher-informed Dirichlet prior, vs KD, MC dropout, VI",
+    ),
 }
 
 

@@ -1,0 +1,157 @@
+"""The five students of the `bkd` recipe, each trained the same way and summarised alike.
+
+Every method returns probability samples `q` of shape `[r, N, K]` on the inputs it is asked
+about (`r = 1` for point estimates), so one function turns them into the METHODS.md 4.5
+summaries and one set of metrics scores them all:
+
+* `labels` — the student trained on labels only (λ = 0);
+* `kd` — the KD student: the MAP of the BKD posterior, `CE(labels) + λ·CE(teacher)` by Adam;
+* `bkd` — SGLD chains started at the KD student, sampling that posterior (Fang et al., 2024);
+* `mc_dropout` — KD with dropout, predicting with dropout on (Gal & Ghahramani, 2016);
+* `vi` — KD with mean-field variational layers (`kdtfp.layers.MeanFieldDense`), KL / N.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kdtfp.callbacks import PosteriorSampler
+from kdtfp.distribute import safe_steps_per_execution
+from kdtfp.layers import MeanFieldDense
+from kdtfp.losses import TeacherDirichletPosterior
+from kdtfp.models import PosteriorEnsemble
+from kdtfp.optimizers import SGLD
+from kdtfp.predictive import stochastic_probability_samples
+
+METHODS = ("labels", "kd", "bkd", "mc_dropout", "vi")
+METHOD_NAMES = {
+    "labels": "labels only",
+    "kd": "KD (MAP)",
+    "bkd": "BKD (SGLD)",
+    "mc_dropout": "KD + MC dropout",
+    "vi": "KD + mean-field VI",
+}
+#: Methods whose predictions are distributions (the others give r = 1).
+SAMPLING_METHODS = ("bkd", "mc_dropout", "vi")
+
+
+def build_student(input_dim, hidden, num_classes, kind="mlp", seed=0, data_size=None, dropout=0.2):
+    """The small student: `input_dim -> hidden (relu) -> num_classes` logits.
+
+    `kind="mlp"` plain, `"dropout"` with a dropout layer after the hidden layer, `"vi"` with
+    mean-field variational dense layers whose KL is weighted by `1 / data_size`.
+    """
+    inputs = keras.Input((input_dim,), name="inputs")
+    if kind == "vi":
+        h = MeanFieldDense(hidden, activation="relu", kl_weight=1.0 / data_size, seed=seed)(inputs)
+        logits = MeanFieldDense(num_classes, kl_weight=1.0 / data_size, seed=seed + 1)(h)
+        return keras.Model(inputs, logits, name="student_vi")
+    init = keras.initializers.GlorotUniform
+    h = keras.layers.Dense(hidden, "relu", kernel_initializer=init(seed), name="hidden")(inputs)
+    if kind == "dropout":
+        h = keras.layers.Dropout(dropout, seed=seed, name="dropout")(h)
+    logits = keras.layers.Dense(num_classes, kernel_initializer=init(seed + 1), name="logits")(h)
+    return keras.Model(inputs, logits, name=f"student_{kind}")
+
+
+def _dataset(x, targets, batch, seed):
+    return (
+        tf.data.Dataset.from_tensor_slices((x, targets))
+        .repeat()
+        .shuffle(4096, seed=seed)
+        .batch(batch, drop_remainder=True)
+    )
+
+
+def train_point(x, targets, kind, settings, strategy, seed, lam, temperature, jit=False):
+    """Adam on the BKD negative log posterior (λ = 0: labels only); returns the student."""
+    keras.utils.set_random_seed(seed)
+    with strategy.scope():
+        student = build_student(
+            x.shape[1], settings["hidden"], targets.shape[1] - 1, kind, seed, data_size=len(x)
+        )
+        student.compile(
+            optimizer=keras.optimizers.Adam(settings["learning_rate"]),
+            loss=TeacherDirichletPosterior(lam=lam, temperature=temperature),
+            steps_per_execution=safe_steps_per_execution(20, strategy),
+            jit_compile=jit,
+        )
+    student.fit(
+        _dataset(x, targets, settings["batch"], seed),
+        steps_per_epoch=settings["adam_steps"],
+        epochs=1,
+        verbose=0,
+        shuffle=False,  # the tf.data pipeline shuffles
+    )
+    return student
+
+
+def sample_bkd(kd_student, x, targets, settings, strategy, seed, lam, temperature, step_size):
+    """`settings["chains"]` SGLD chains from the KD student.
+
+    Each chain is a copy of the KD student run by `kdtfp.optimizers.SGLD` (its own noise seed)
+    for `settings["sgld_steps"]` steps; `PosteriorSampler` drops the first 20 % and keeps every
+    `thin`-th state.
+
+    Returns:
+        `(ensemble, sampler)`: a `kdtfp.models.PosteriorEnsemble` holding every chain's samples,
+        and the combined `PosteriorSampler` (diagnostics).
+    """
+    steps, thin = settings["sgld_steps"], settings["thin"]
+    burn_in = steps // 5
+    samplers = []
+    for chain in range(settings["chains"]):
+        keras.utils.set_random_seed(seed + 1000 * (chain + 1))
+        with strategy.scope():
+            student = keras.models.clone_model(kd_student)
+            student.set_weights(kd_student.get_weights())
+            student.compile(
+                optimizer=SGLD(step_size, data_size=len(x), seed=seed + 1000 * (chain + 1)),
+                loss=TeacherDirichletPosterior(lam=lam, temperature=temperature),
+                # One execution per kept sample: the sampler sees one batch end per `thin` steps.
+                steps_per_execution=safe_steps_per_execution(thin, strategy),
+            )
+        sampler = PosteriorSampler(
+            burn_in=burn_in, thin=thin, max_samples=(steps - burn_in) // thin, verbose=0
+        )
+        student.fit(
+            _dataset(x, targets, settings["batch"], seed + chain),
+            steps_per_epoch=steps,
+            epochs=1,
+            verbose=0,
+            shuffle=False,  # the tf.data pipeline shuffles
+            callbacks=[sampler],
+        )
+        samplers.append(sampler)
+    sampler = PosteriorSampler.combine(samplers)
+    return PosteriorEnsemble.from_sampler(student, sampler), sampler
+
+
+def probability_samples(method, model, x, num_samples=100):
+    """`[r, N, K]` class probabilities of one method's student at `x`."""
+    if method == "bkd":  # `model` is a PosteriorEnsemble: every sample in one graph
+        return np.asarray(model.sample_probs(np.asarray(x, np.float32)), np.float64)
+    if method in ("mc_dropout", "vi"):
+        return stochastic_probability_samples(model, x, num_samples)
+    logits = np.asarray(model(x, training=False), np.float64)
+    logits -= logits.max(axis=-1, keepdims=True)
+    probs = np.exp(logits)
+    return (probs / probs.sum(axis=-1, keepdims=True))[None]
+
+
+def rhat_of_probs(q, chains):
+    """Split-R-hat (TFP's variance ratio) of the predicted probabilities across chains.
+
+    `q` is `[chains * n, N, K]` with the chains one after another. Returns `(median, max)` over
+    the `N * K` predicted probabilities: R-hat on what the user sees, not on the weights, whose
+    symmetries (hidden-unit permutations) never mix.
+    """
+    import tensorflow_probability as tfp
+
+    n = q.shape[0] // chains
+    states = q[: n * chains].reshape(chains, n, -1).transpose(1, 0, 2)  # [n, chains, N*K]
+    rhat = tfp.mcmc.potential_scale_reduction(tf.constant(states), split_chains=True).numpy()
+    rhat = rhat[np.isfinite(rhat)]
+    return float(np.median(rhat)), float(np.max(rhat))

@@ -16,6 +16,10 @@ Reported:
 
 * `sgld_step_ratio` = SGLD ms/step / Adam ms/step (goal <= 1.15; METHODS.md 4.7 measured 1.10
   for a hand-written SGLD), and `psgld_step_ratio` likewise;
+* `chain_step_ratio` = (ms/step of `chains` SGLD chains run side by side in one
+  `kdtfp.models.parallel_chains` model) / `chains` / Adam ms/step: the cost of one chain-step
+  when chains share a step (METHODS.md 4.7 measured 1.60 / 24 chains side by side for its
+  prototype, which drew the noise per chain), and `chain_samples_per_second`;
 * `samples_per_second`: SGLD steps per second, i.e. posterior states per second at thin = 1;
 * `sampler_overhead_ratio`: a `fit` of SGLD steps with a `kdtfp.callbacks.PosteriorSampler`
   (burn-in 0, thin = `sampler_thin`) / the same `fit` without it (same model and steps; both
@@ -56,6 +60,7 @@ from kdtfp.bench.timing import (
 from kdtfp.callbacks import PosteriorSampler
 from kdtfp.datasets import load_digits_split
 from kdtfp.losses import TeacherDirichletPosterior
+from kdtfp.models import parallel_chains, repeat_targets
 from kdtfp.optimizers import PSGLD, SGLD
 from kdtfp.teachers import mlp
 
@@ -84,6 +89,7 @@ class Settings:
     adam_learning_rate: float = 3e-4
     sgld_learning_rate: float = 1e-5
     sampler_thin: int = 8  # one snapshot per execution
+    chains: int = 8  # chains side by side in the parallel-chains variant
     repeats: int = 21  # interleaved timing blocks per variant
     block_seconds: float = 0.15  # target length of one timing block
     seed: int = 0
@@ -169,10 +175,24 @@ def run(quick: bool = False, json_path: str | None = None, verbose: bool = True)
     )
     reference = _student(settings, num_classes)
     models = {kind: _variant(kind, settings, reference, loss, len(x)) for kind in VARIANTS}
+    # The same batches with targets repeated for every chain ([B, chains, 1 + K]).
+    chain_dataset = dataset.map(lambda xb, tb: (xb, repeat_targets(tb, settings.chains)))
+    models["sgld_chains"] = parallel_chains(reference, settings.chains)
+    models["sgld_chains"].compile(
+        optimizer=SGLD(
+            settings.sgld_learning_rate, data_size=len(x) * settings.chains, seed=settings.seed
+        ),
+        loss=loss,
+        steps_per_execution=settings.steps_per_execution,
+        jit_compile=False,
+    )
+    datasets = {kind: dataset for kind in VARIANTS} | {"sgld_chains": chain_dataset}
     check_batch = next(iter(dataset))
-    initial_losses = [float(loss(check_batch[1], m(check_batch[0]))) for m in models.values()]
-    for model in models.values():  # builds and traces (not timed)
-        model.fit(dataset.take(settings.steps_per_execution), epochs=1, verbose=0, shuffle=False)
+    initial_losses = [float(loss(check_batch[1], models[k](check_batch[0]))) for k in VARIANTS]
+    for kind, model in models.items():  # builds and traces (not timed)
+        model.fit(
+            datasets[kind].take(settings.steps_per_execution), epochs=1, verbose=0, shuffle=False
+        )
     phases["build"] = time.perf_counter() - phase
 
     # 1. Step time: interleaved blocks of equal steps on endless iterators over the same batches.
@@ -186,7 +206,7 @@ def run(quick: bool = False, json_path: str | None = None, verbose: bool = True)
         f"block, {settings.repeats} repeats"
     )
     timers = {
-        kind: step_timer(model, dataset, executions, settings.steps_per_execution)
+        kind: step_timer(model, datasets[kind], executions, settings.steps_per_execution)
         for kind, model in models.items()
     }
     stats = interleaved_medians(timers, settings.repeats)
@@ -219,6 +239,9 @@ def run(quick: bool = False, json_path: str | None = None, verbose: bool = True)
         name: ratio_estimates(stats[a]["samples"], stats[b]["samples"])
         for name, (a, b) in RATIO_TERMS.items()
     }
+    per_chain = [t / settings.chains for t in stats["sgld_chains"]["samples"]]
+    ratios["chain_step_ratio"] = times["sgld_chains"] / settings.chains / times["adam"]
+    estimates["chain_step_ratio"] = ratio_estimates(per_chain, stats["adam"]["samples"])
     fit_seconds = times["sgld_fit_sampler"] * fit_steps / 1e3
     output = {
         "benchmark": "sgld",
@@ -226,6 +249,7 @@ def run(quick: bool = False, json_path: str | None = None, verbose: bool = True)
         **ratios,
         "samples_per_second": 1e3 / times["sgld"],
         "psgld_samples_per_second": 1e3 / times["psgld"],
+        "chain_samples_per_second": 1e3 * settings.chains / times["sgld_chains"],
         "kept_samples_per_second": kept_per_fit / fit_seconds,
         "goals": {name: f"{op} {value}" for name, (op, value) in GOALS.items()},
         "goals_met": {
@@ -287,10 +311,10 @@ def format_table(output: dict) -> str:
         "",
         f"{'variant':<28}{'ms/step':>10}",
     ]
-    for name in (*VARIANTS, "sgld_fit", "sgld_fit_sampler"):
+    for name in (*VARIANTS, "sgld_chains", "sgld_fit", "sgld_fit_sampler"):
         lines.append(f"{name:<28}{times[name]:>10.4f}")
     lines += ["", f"{'ratio (of medians)':<28}{'value':>8}{'paired':>8}{'of mins':>9}  goal"]
-    for name in RATIOS:
+    for name in (*RATIOS, "chain_step_ratio"):
         estimate = output["ratio_estimates"][name]
         if name in output["goals"]:
             goal = f"{output['goals'][name]} ({'met' if output['goals_met'][name] else 'MISSED'})"
@@ -303,7 +327,8 @@ def format_table(output: dict) -> str:
     lines += [
         "",
         f"SGLD posterior states per second (thin 1): {output['samples_per_second']:,.0f}; "
-        f"PSGLD: {output['psgld_samples_per_second']:,.0f}",
+        f"PSGLD: {output['psgld_samples_per_second']:,.0f}; {settings['chains']} chains side by "
+        f"side: {output['chain_samples_per_second']:,.0f}",
         f"kept samples per second with PosteriorSampler(thin={settings['sampler_thin']}): "
         f"{output['kept_samples_per_second']:,.0f}",
         f"initial loss check (max |difference| between variants): "

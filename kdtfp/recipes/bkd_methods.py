@@ -21,7 +21,7 @@ from kdtfp.callbacks import PosteriorSampler
 from kdtfp.distribute import safe_steps_per_execution
 from kdtfp.layers import MeanFieldDense
 from kdtfp.losses import TeacherDirichletPosterior
-from kdtfp.models import PosteriorEnsemble
+from kdtfp.models import PosteriorEnsemble, parallel_chains, repeat_targets, split_chain_samples
 from kdtfp.optimizers import SGLD
 from kdtfp.predictive import stochastic_probability_samples
 
@@ -89,43 +89,43 @@ def train_point(x, targets, kind, settings, strategy, seed, lam, temperature, ji
 
 
 def sample_bkd(kd_student, x, targets, settings, strategy, seed, lam, temperature, step_size):
-    """`settings["chains"]` SGLD chains from the KD student.
+    """`settings["chains"]` SGLD chains from the KD student, run side by side in one `fit`.
 
-    Each chain is a copy of the KD student run by `kdtfp.optimizers.SGLD` (its own noise seed)
-    for `settings["sgld_steps"]` steps; `PosteriorSampler` drops the first 20 % and keeps every
-    `thin`-th state.
+    The chains are copies of the KD student inside `kdtfp.models.parallel_chains` (one model,
+    one step for all chains, `SGLD(data_size=N * chains)` so that each chain takes exactly the
+    single-chain step). `PosteriorSampler` drops the first 20 % of `settings["sgld_steps"]`
+    steps and keeps every `thin`-th state.
 
     Returns:
-        `(ensemble, sampler)`: a `kdtfp.models.PosteriorEnsemble` holding every chain's samples,
-        and the combined `PosteriorSampler` (diagnostics).
+        `(ensemble, sampler)`: a `kdtfp.models.PosteriorEnsemble` of the student holding every
+        chain's samples, and the per-chain samples combined in a `PosteriorSampler`
+        (diagnostics).
     """
-    steps, thin = settings["sgld_steps"], settings["thin"]
+    steps, thin, chains = settings["sgld_steps"], settings["thin"], settings["chains"]
     burn_in = steps // 5
-    samplers = []
-    for chain in range(settings["chains"]):
-        keras.utils.set_random_seed(seed + 1000 * (chain + 1))
-        with strategy.scope():
-            student = keras.models.clone_model(kd_student)
-            student.set_weights(kd_student.get_weights())
-            student.compile(
-                optimizer=SGLD(step_size, data_size=len(x), seed=seed + 1000 * (chain + 1)),
-                loss=TeacherDirichletPosterior(lam=lam, temperature=temperature),
-                # One execution per kept sample: the sampler sees one batch end per `thin` steps.
-                steps_per_execution=safe_steps_per_execution(thin, strategy),
-            )
-        sampler = PosteriorSampler(
-            burn_in=burn_in, thin=thin, max_samples=(steps - burn_in) // thin, verbose=0
+    keras.utils.set_random_seed(seed + 1000)
+    with strategy.scope():
+        student = keras.models.clone_model(kd_student)
+        student.set_weights(kd_student.get_weights())
+        model = parallel_chains(student, chains)
+        model.compile(
+            optimizer=SGLD(step_size, data_size=len(x) * chains, seed=seed + 1000),
+            loss=TeacherDirichletPosterior(lam=lam, temperature=temperature),
+            # One execution per kept sample: the sampler sees one batch end per `thin` steps.
+            steps_per_execution=safe_steps_per_execution(thin, strategy),
         )
-        student.fit(
-            _dataset(x, targets, settings["batch"], seed + chain),
-            steps_per_epoch=steps,
-            epochs=1,
-            verbose=0,
-            shuffle=False,  # the tf.data pipeline shuffles
-            callbacks=[sampler],
-        )
-        samplers.append(sampler)
-    sampler = PosteriorSampler.combine(samplers)
+    sampler = PosteriorSampler(
+        burn_in=burn_in, thin=thin, max_samples=(steps - burn_in) // thin, verbose=0
+    )
+    model.fit(
+        _dataset(x, repeat_targets(targets, chains), settings["batch"], seed),
+        steps_per_epoch=steps,
+        epochs=1,
+        verbose=0,
+        shuffle=False,  # the tf.data pipeline shuffles
+        callbacks=[sampler],
+    )
+    sampler = PosteriorSampler.combine(split_chain_samples(sampler, chains))
     return PosteriorEnsemble.from_sampler(student, sampler), sampler
 
 

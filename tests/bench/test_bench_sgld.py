@@ -42,19 +42,25 @@ def test_quick_run_writes_every_ratio_rate_and_time(record):
         "samples_per_second",
         "psgld_samples_per_second",
         "kept_samples_per_second",
+        "chain_step_ratio",
+        "chain_samples_per_second",
     )
     for key in keys:
         assert _finite_positive(record[key]), (key, record.get(key))
     for name in bench.RATIOS:
         assert set(record["ratio_estimates"][name]) == {"of_medians", "paired_median", "of_mins"}
         assert all(_finite_positive(v) for v in record["ratio_estimates"][name].values()), name
-    for name in ("adam", "sgld", "psgld", "sgld_fit", "sgld_fit_sampler"):
+    for name in ("adam", "sgld", "psgld", "sgld_chains", "sgld_fit", "sgld_fit_sampler"):
         assert _finite_positive(record["times_ms"][name]), name
         assert len(record["timing_samples_ms"][name]) == record["settings"]["repeats"]
     # The headline numbers are the medians they are said to be.
     times = record["times_ms"]
     assert record["sgld_step_ratio"] == pytest.approx(times["sgld"] / times["adam"])
     assert record["samples_per_second"] == pytest.approx(1e3 / times["sgld"])
+    chains = record["settings"]["chains"]
+    assert record["chain_step_ratio"] == pytest.approx(
+        times["sgld_chains"] / chains / times["adam"]
+    )
     assert record["goals"] == {"sgld_step_ratio": "<= 1.15"}
     assert isinstance(record["goals_met"]["sgld_step_ratio"], bool)
 

@@ -36,3 +36,12 @@ def test_example_runs_and_exports(script, export_name, tmp_path):
     )
     assert "test accuracy: student" in result.stdout
     assert (tmp_path / export_name / "saved_model.pb").is_file()
+
+
+@pytest.mark.slow
+def test_bayesian_kd_example_samples_and_serves_the_posterior(tmp_path):
+    result = _run_example("bayesian_kd.py", tmp_path)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert "test accuracy: BKD" in result.stdout and "from 4 chains" in result.stdout
+    assert "credible set:" in result.stdout
+    assert (tmp_path / "bkd_student" / "saved_model.pb").is_file()

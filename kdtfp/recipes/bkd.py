@@ -231,9 +231,11 @@ def _synthetic(config, settings, strategy, table, log):
         for group in seed_records[0]:
             for key in seed_records[0][group]:
                 value = float(np.mean([r[group][key] for r in seed_records]))
-                name = f"syn_{key}_{group}_{tag}"
+                # e.g. syn_acc_bkd_non_k5_d5, syn_chosen_lam_non_k5_d5
+                stem = f"chosen_{key}" if group == "chosen" else f"{key}_{group}"
+                name = f"syn_{stem}_{tag}"
                 table[name] = value
-                overall.setdefault(f"syn_{key}_{group}", []).append(value)
+                overall.setdefault(f"syn_{stem}", []).append(value)
     for name, values in overall.items():
         table[name] = float(np.mean(values))
 

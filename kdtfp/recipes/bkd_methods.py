@@ -21,6 +21,7 @@ from kdtfp.callbacks import PosteriorSampler
 from kdtfp.distribute import safe_steps_per_execution
 from kdtfp.layers import MeanFieldDense
 from kdtfp.losses import TeacherDirichletPosterior
+from kdtfp.metrics import log_softmax
 from kdtfp.models import PosteriorEnsemble, parallel_chains, repeat_targets, split_chain_samples
 from kdtfp.optimizers import SGLD
 from kdtfp.predictive import stochastic_probability_samples
@@ -37,21 +38,23 @@ METHOD_NAMES = {
 SAMPLING_METHODS = ("bkd", "mc_dropout", "vi")
 
 
-def build_student(input_dim, hidden, num_classes, kind="mlp", seed=0, data_size=None, dropout=0.2):
+def build_student(input_dim, hidden, num_classes, kind="mlp", seed=0, data_size=None, option=None):
     """The small student: `input_dim -> hidden (relu) -> num_classes` logits.
 
-    `kind="mlp"` plain, `"dropout"` with a dropout layer after the hidden layer, `"vi"` with
-    mean-field variational dense layers whose KL is weighted by `1 / data_size`.
+    `kind="mlp"` plain; `"dropout"` with a dropout layer of rate `option` (default 0.2) after
+    the hidden layer; `"vi"` with mean-field variational dense layers of prior standard
+    deviation `option` (default 1) whose KL is weighted by `1 / data_size`.
     """
     inputs = keras.Input((input_dim,), name="inputs")
     if kind == "vi":
-        h = MeanFieldDense(hidden, activation="relu", kl_weight=1.0 / data_size, seed=seed)(inputs)
-        logits = MeanFieldDense(num_classes, kl_weight=1.0 / data_size, seed=seed + 1)(h)
+        vi = dict(kl_weight=1.0 / data_size, prior_stddev=1.0 if option is None else option)
+        h = MeanFieldDense(hidden, activation="relu", seed=seed, **vi)(inputs)
+        logits = MeanFieldDense(num_classes, seed=seed + 1, **vi)(h)
         return keras.Model(inputs, logits, name="student_vi")
     init = keras.initializers.GlorotUniform
     h = keras.layers.Dense(hidden, "relu", kernel_initializer=init(seed), name="hidden")(inputs)
     if kind == "dropout":
-        h = keras.layers.Dropout(dropout, seed=seed, name="dropout")(h)
+        h = keras.layers.Dropout(0.2 if option is None else option, seed=seed, name="dropout")(h)
     logits = keras.layers.Dense(num_classes, kernel_initializer=init(seed + 1), name="logits")(h)
     return keras.Model(inputs, logits, name=f"student_{kind}")
 
@@ -65,12 +68,14 @@ def _dataset(x, targets, batch, seed):
     )
 
 
-def train_point(x, targets, kind, settings, strategy, seed, lam, temperature, jit=False):
+def train_point(
+    x, targets, kind, settings, strategy, seed, lam, temperature, jit=False, option=None
+):
     """Adam on the BKD negative log posterior (λ = 0: labels only); returns the student."""
     keras.utils.set_random_seed(seed)
     with strategy.scope():
         student = build_student(
-            x.shape[1], settings["hidden"], targets.shape[1] - 1, kind, seed, data_size=len(x)
+            x.shape[1], settings["hidden"], targets.shape[1] - 1, kind, seed, len(x), option
         )
         student.compile(
             optimizer=keras.optimizers.Adam(settings["learning_rate"]),
@@ -130,28 +135,44 @@ def sample_bkd(kd_student, x, targets, settings, strategy, seed, lam, temperatur
 
 
 def probability_samples(method, model, x, num_samples=100):
-    """`[r, N, K]` class probabilities of one method's student at `x`."""
-    if method == "bkd":  # `model` is a PosteriorEnsemble: every sample in one graph
-        return np.asarray(model.sample_probs(np.asarray(x, np.float32)), np.float64)
-    if method in ("mc_dropout", "vi"):
-        return stochastic_probability_samples(model, x, num_samples)
-    logits = np.asarray(model(x, training=False), np.float64)
-    logits -= logits.max(axis=-1, keepdims=True)
-    probs = np.exp(logits)
-    return (probs / probs.sum(axis=-1, keepdims=True))[None]
+    """`[r, N, K]` class probabilities of one method's student at `x`.
+
+    BKD: every posterior sample of the `PosteriorEnsemble` (`num_samples` is ignored). MC
+    dropout: `num_samples` dropout masks per example in ONE call on `x` repeated `num_samples`
+    times (masks are drawn per row). VI: `num_samples` calls, one weight draw each. The point
+    methods give `r = 1`.
+    """
+    x = np.asarray(x, np.float32)
+    if method == "bkd":
+        return np.asarray(model.sample_probs(x), np.float64)
+    if method == "mc_dropout":
+        tiled = np.tile(x, (num_samples, 1))
+        q = stochastic_probability_samples(model, tiled, 1, batch_size=None)[0]
+        return q.reshape(num_samples, len(x), -1)
+    if method == "vi":
+        return stochastic_probability_samples(model, x, num_samples, batch_size=None)
+    return np.exp(log_softmax(np.asarray(model(x, training=False), np.float64)))[None]
 
 
 def rhat_of_probs(q, chains):
-    """Split-R-hat (TFP's variance ratio) of the predicted probabilities across chains.
+    """Split-R-hat of the predicted probabilities across chains, as Gelman et al. define it.
 
     `q` is `[chains * n, N, K]` with the chains one after another. Returns `(median, max)` over
-    the `N * K` predicted probabilities: R-hat on what the user sees, not on the weights, whose
-    symmetries (hidden-unit permutations) never mix.
+    the `N * K` predicted probabilities of `sqrt(tfp.mcmc.potential_scale_reduction(...))`:
+    TFP returns the variance ratio, whose square root is the usual R-hat (compare with 1.01 /
+    1.1). On what the user sees, not on the weights, whose symmetries never mix. Probabilities
+    that never vary (NaN ratios) are left out.
     """
     import tensorflow_probability as tfp
 
-    n = q.shape[0] // chains
-    states = q[: n * chains].reshape(chains, n, -1).transpose(1, 0, 2)  # [n, chains, N*K]
-    rhat = tfp.mcmc.potential_scale_reduction(tf.constant(states), split_chains=True).numpy()
-    rhat = rhat[np.isfinite(rhat)]
+    n, remainder = divmod(q.shape[0], chains)
+    if remainder or n < 4:
+        raise ValueError(
+            f"`q` holds {q.shape[0]} samples: need a multiple of chains={chains}, >= 4 each."
+        )
+    states = q.reshape(chains, n, -1).transpose(1, 0, 2)  # [n, chains, N*K]
+    ratio = tfp.mcmc.potential_scale_reduction(tf.constant(states), split_chains=True).numpy()
+    rhat = np.sqrt(ratio[np.isfinite(ratio)])
+    if rhat.size == 0:
+        raise ValueError("R-hat is undefined: no predicted probability varies over the samples.")
     return float(np.median(rhat)), float(np.max(rhat))

@@ -17,6 +17,7 @@ from kdtfp.metrics import (
     coverage_credible_set,
     coverage_oracle_set,
     credible_set,
+    credible_set_bisection,
     deviance_auroc,
     expected_calibration_error,
     interval_coverage,
@@ -259,3 +260,49 @@ def test_keras_metrics_in_compile_fit_evaluate(jit_compile):
 def test_keras_metrics_sum_over_replicas(mirrored_strategy):
     # Each replica sees half of every batch; the metric variables are summed across replicas.
     _fit_and_evaluate(strategy=mirrored_strategy)
+
+
+def _bisection_reference(q, level):
+    """Slow reference: scan every sampled value as a candidate threshold (largest u whose
+    carried mass reaches `level`), one example at a time."""
+    sets = []
+    for i in range(q.shape[1]):
+        values = np.unique(q[:, i])
+        mass = [np.mean(np.sum(q[:, i] * (q[:, i] >= u), axis=-1)) for u in values]
+        u = max(v for v, m in zip(values, mass, strict=True) if m >= level)
+        mean = q[:, i].mean(0)
+        chosen = mean >= u
+        chosen[mean.argmax()] = True
+        sets.append(chosen)
+    return np.array(sets)
+
+
+@pytest.mark.parametrize("samples, classes", [(1, 3), (20, 5), (50, 10)])
+def test_credible_set_bisection_matches_a_threshold_scan(samples, classes):
+    rng = np.random.default_rng(samples)
+    logits = rng.standard_normal((1, 40, classes)) * 2 + 0.5 * rng.standard_normal(
+        (samples, 40, classes)
+    )
+    q = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    got = credible_set_bisection(q, 0.95)
+    np.testing.assert_array_equal(got, _bisection_reference(q, 0.95))
+
+
+def test_credible_set_bisection_on_one_certain_sample_and_its_relation_to_the_smallest_set():
+    q = np.array([[[1.0, 0.0, 0.0], [0.5, 0.45, 0.05]]])
+    np.testing.assert_array_equal(
+        credible_set_bisection(q, 0.95), [[True, False, False], [True, True, False]]
+    )
+    # With r = 1 the carried mass at u = q_k is the sum of the classes >= q_k: the rule keeps
+    # at least the smallest set's classes.
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(6), size=200)
+    bisection = credible_set_bisection(p[None], 0.9)
+    assert np.all(bisection >= credible_set(p, 0.9))
+
+
+def test_credible_set_bisection_bad_input():
+    with pytest.raises(ValueError, match="`q`"):
+        credible_set_bisection(np.ones((4, 3)) / 3)
+    with pytest.raises(ValueError, match="`level`"):
+        credible_set_bisection(np.ones((2, 4, 3)) / 3, level=1.0)

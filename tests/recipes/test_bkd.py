@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from kdtfp.recipes import bkd, bkd_methods
 
@@ -22,7 +21,11 @@ def test_rhat_of_probs_is_one_for_iid_chains_and_large_for_separated_chains():
     separated = iid.copy()
     separated[200:] = 0.5 * separated[200:] + 0.5 * np.eye(3)[0]  # chain 2 sits elsewhere
     median, _ = bkd_methods.rhat_of_probs(separated, chains=2)
-    assert median > 1.2
+    assert median > 1.1
+    with pytest.raises(ValueError, match="multiple of chains=3"):
+        bkd_methods.rhat_of_probs(iid[:400], chains=3)
+    with pytest.raises(ValueError, match="undefined"):
+        bkd_methods.rhat_of_probs(np.full((8, 2, 3), 1 / 3), chains=2)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "dropout", "vi"])
@@ -37,14 +40,20 @@ def test_students_have_the_same_architecture_and_output_logits(kind):
         assert sizes == [4, 16, 64, 96]
 
 
-def test_point_methods_give_one_probability_sample():
-    student = bkd_methods.build_student(6, 16, 4, "mlp", seed=0)
+def test_point_methods_give_one_sample_and_mc_dropout_gives_distinct_masks():
     x = np.random.default_rng(0).standard_normal((5, 6)).astype("float32")
+    student = bkd_methods.build_student(6, 16, 4, "mlp", seed=0)
     q = bkd_methods.probability_samples("kd", student, x)
     assert q.shape == (1, 5, 4)
     np.testing.assert_allclose(q.sum(-1), 1.0, atol=1e-12)
-    q = bkd_methods.probability_samples("mc_dropout", student, x, num_samples=7)
+    dropout = bkd_methods.build_student(6, 16, 4, "dropout", seed=0, option=0.5)
+    q = bkd_methods.probability_samples("mc_dropout", dropout, x, num_samples=7)
     assert q.shape == (7, 5, 4)
+    assert np.ptp(q, axis=0).max() > 1e-3  # masks differ between samples of one example
+    q = bkd_methods.probability_samples("mc_dropout", dropout, x[:1], num_samples=40)
+    # The mean over masks approaches the no-dropout prediction only on average: just check the
+    # samples are valid distributions around it.
+    np.testing.assert_allclose(q.sum(-1), 1.0, atol=1e-6)
 
 
 def run_quick(out, *flags):
@@ -73,6 +82,7 @@ def test_quick_run_writes_every_metric_the_issue_names(quick_run):
     assert record["recipe"] == "bkd"
     for name in (
         "coverage_credible_set",
+        "coverage_credible_set_bisection",
         "coverage_oracle_set",
         "coverage_true_prob",
         "interval_width",
@@ -108,8 +118,12 @@ def test_quick_run_meets_the_goals_that_hold_at_ci_scale(quick_run):
     assert abs(metrics["coverage_credible_set"] - metrics["coverage_oracle_set"]) < 0.03
     # The posterior is not a point: its intervals have width, and cover some true probabilities.
     assert metrics["coverage_true_prob"] > 0.3
-    # More input noise, more deviance (end points; the full curve is in the metrics).
-    assert metrics["digits_deviance_gamma4_bkd"] > metrics["digits_deviance_gamma0_bkd"]
+    # More input noise, more deviance. (Between γ = 0 and 0.5 — 0.03 on the [0, 1] pixel
+    # scale — the rise is a few percent; `digits_deviance_rises_bkd` reports the whole curve.)
+    curve = [metrics[f"digits_deviance_gamma{g}_bkd"] for g in ("0", "1", "2", "4")]
+    assert curve == sorted(curve) and curve[-1] > 1.5 * curve[0]
+    # The same number of samples for every sampling method.
+    assert metrics["digits_chosen_samples"] == metrics["syn_chosen_samples"] == 320
     assert metrics["deviance_auroc"] > 0.7
 
 
@@ -140,18 +154,24 @@ def test_mirrored_run_gives_the_same_coverage_within_monte_carlo_error(quick_run
     _, record, _ = quick_run
     _, mirrored, _ = run_quick(tmp_path, "--strategy", "mirrored", "--devices", "2")
     a, b = record["metrics"], mirrored["metrics"]
-    # 600 synthetic test labels: the Monte Carlo standard error of a coverage near 0.98 is
-    # about 0.006; a difference of three such errors (x sqrt 2 for two runs) is allowed.
-    tolerance = 3 * np.sqrt(2 * 0.98 * 0.02 / 600)
-    assert abs(a["coverage_credible_set"] - b["coverage_credible_set"]) < tolerance
-    assert abs(a["coverage_true_prob"] - b["coverage_true_prob"]) < 0.05
-    assert abs(a["acc_bkd"] - b["acc_bkd"]) < 0.02
+    # Same seeds, same global batches: the runs differ only by the order of float reductions
+    # across replicas, which SGLD's chaotic dynamics amplify over 2,000 steps. Both score the
+    # same 600 labels, so coverage may move by the few borderline examples whose set changes.
+    assert abs(a["coverage_credible_set"] - b["coverage_credible_set"]) <= 0.02
+    assert abs(a["coverage_true_prob"] - b["coverage_true_prob"]) < 0.08
+    assert abs(a["acc_bkd"] - b["acc_bkd"]) <= 0.02
 
 
-def test_quick_settings_fit_the_ci_budget():
-    settings = bkd._settings(quick=True)
-    assert len(settings["configs"]) == 1 and settings["seeds"] == 1
-    assert settings["student"]["batch"] % 8 == 0  # equal shards on 1, 2, 4 or 8 replicas
-    full = bkd._settings(quick=False)
-    assert len(full["configs"]) == 4 and full["student"]["chains"] >= 2
-    assert tf.distribute.get_strategy().num_replicas_in_sync == 1
+def test_settings_give_every_tuned_method_a_grid_of_the_same_size():
+    quick, full = bkd._settings(quick=True), bkd._settings(quick=False)
+    assert len(quick["configs"]) == 1 and len(full["configs"]) == 4
+    assert quick["student"]["batch"] % 8 == 0  # equal shards on 1, 2, 4 or 8 replicas
+    assert full["student"]["chains"] >= 2 and quick["student"]["chains"] >= 2
+    for settings in (quick, full):
+        sizes = {
+            len(settings["step_grid"]["digits"]),
+            len(settings["step_grid"]["synthetic"]),
+            len(settings["dropout_grid"]),
+            len(settings["vi_prior_grid"]),
+        }
+        assert len(sizes) == 1

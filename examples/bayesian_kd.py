@@ -42,6 +42,7 @@ def main(argv=None):
     model = kdtfp.models.parallel_chains(student, chains)
     model.compile(kdtfp.optimizers.SGLD(1e-4, data_size=len(x) * chains, seed=0), loss)
     steps = args.epochs * (len(x) // 64)
+    # A snapshot holds every chain, so max_samples counts snapshots (= samples per chain).
     sampler = kdtfp.callbacks.PosteriorSampler(burn_in=steps // 5, thin=10, max_samples=500)
     repeated = kdtfp.models.repeat_targets(targets, chains)
     model.fit(x, repeated, batch_size=64, epochs=args.epochs, verbose=0, callbacks=[sampler])

@@ -68,22 +68,8 @@ def weight_sample_probs(
     (softmax applied when `from_logits`); the original weights are restored afterwards, also on
     error. `kdtfp.models.PosteriorEnsemble` computes the same inside one TensorFlow graph.
     """
-    samples = list(samples)
-    if not samples:
-        raise ValueError("`samples` must hold at least one weight sample; received none.")
     variables = list(model.trainable_weights)
-    for j, sample in enumerate(samples):
-        if len(sample) != len(variables):
-            raise ValueError(
-                f"`samples[{j}]` has {len(sample)} arrays but the model has {len(variables)} "
-                "trainable weights."
-            )
-        for v, (var, value) in enumerate(zip(variables, sample, strict=True)):
-            if tuple(np.shape(value)) != tuple(var.shape):
-                raise ValueError(
-                    f"`samples[{j}][{v}]` has shape {np.shape(value)}, but trainable weight "
-                    f"{var.path!r} has shape {tuple(var.shape)}."
-                )
+    samples = check_weight_samples(samples, variables)
     original = [np.array(var.numpy(), copy=True) for var in variables]
     probs = []
     try:
@@ -96,6 +82,34 @@ def weight_sample_probs(
         for var, value in zip(variables, original, strict=True):
             var.assign(value)
     return np.stack(probs)
+
+
+def check_weight_samples(samples, variables) -> list:
+    """`samples` as a list, checked against `variables`: one array per variable, same shapes.
+
+    Raises ValueError naming the first sample and weight that do not fit.
+    """
+    try:
+        samples = list(samples)
+    except TypeError:
+        raise ValueError(
+            f"`samples` must be a sequence of weight lists, got {type(samples).__name__}."
+        ) from None
+    if not samples:
+        raise ValueError("`samples` must hold at least one weight sample; received none.")
+    for j, sample in enumerate(samples):
+        if len(sample) != len(variables):
+            raise ValueError(
+                f"`samples[{j}]` has {len(sample)} arrays but the model has {len(variables)} "
+                "trainable weights."
+            )
+        for v, (var, value) in enumerate(zip(variables, sample, strict=True)):
+            if tuple(np.shape(value)) != tuple(var.shape):
+                raise ValueError(
+                    f"`samples[{j}][{v}]` has shape {np.shape(value)}, but trainable weight "
+                    f"{var.path!r} has shape {tuple(var.shape)}."
+                )
+    return samples
 
 
 def stochastic_probability_samples(

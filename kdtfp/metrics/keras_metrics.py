@@ -12,6 +12,11 @@ logits (`from_logits=True`, the default) or probabilities `[batch, K]`. `Credibl
 and `DevianceAUROC` also take posterior samples `[batch, r, K]` (e.g. the outputs of `r` SGLD
 states, METHODS.md 4.5). `sample_weight`, if given, weights each example.
 
+A model compiled with `kdtfp.losses.TeacherDirichletPosterior` gets the packed targets
+`[batch, 1 + K]` as `y_true`, which these metrics do not unpack: evaluate such a model with
+`model.compile(loss=..., metrics=...)` on plain labels (e.g. a second, evaluation-only
+compile), or call the metric directly with the labels.
+
 For the negative log-likelihood use `keras.metrics.SparseCategoricalCrossentropy(from_logits=...)`:
 it is the streaming mean of `-log p(label | x)` and kdtfp does not duplicate it.
 """

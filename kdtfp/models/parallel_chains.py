@@ -20,12 +20,13 @@ def parallel_chains(student: keras.Model, num_chains: int, name: str | None = No
     inputs [B, ...] -> outputs [B, C, K]        # C = num_chains, chain c = copy c
     ```
 
-    Training it exactly as C separate chains. Give every chain the same targets: repeat
+    Training it as C separate chains. Give every chain the same targets: repeat
     `y_true` along a chain axis, `[B, C, ...]` (`repeat_targets`). A Keras loss with the
     default `"sum_over_batch_size"` reduction then averages over `B * C` entries, so the
     gradient reaching copy `c` is its own mean batch gradient divided by C: use
-    `SGLD(data_size=N * C)` so that `N * C * g / C = N * g`, the single-chain update; the noise
-    is drawn per weight and so is independent across chains already.
+    `SGLD(data_size=N * C)` so that `N * C * g / C = N * g`: each copy's drift is exactly the
+    single-chain drift (tested), and its noise, drawn per weight, is independent of the other
+    copies' (though not the numbers C separate runs would draw).
 
     Samples. A `kdtfp.callbacks.PosteriorSampler` on this model records all copies' weights per
     snapshot, copy after copy (`model.trainable_weights` lists copy 0's weights, then copy 1's,
@@ -97,5 +98,7 @@ def split_chain_samples(sampler, num_chains: int):
     for chain in range(num_chains):
         single = PosteriorSampler(sampler.burn_in, sampler.thin, len(samples), verbose=0)
         single._buffer = [s[chain * per_chain : (chain + 1) * per_chain] for s in samples]
+        if sampler.weight_names:  # the first copy's names serve every chain (for to_arviz)
+            single.weight_names = list(sampler.weight_names[:per_chain])
         chains.append(single)
     return chains

@@ -99,3 +99,35 @@ def test_split_needs_a_multiple_of_the_chain_count():
     sampler = _record(parallel_chains(_student(), 2))
     with pytest.raises(ValueError, match="num_chains=3"):
         split_chain_samples(sampler, 3)
+
+
+def _two_sgld_epochs(model, x, targets, jit=False):
+    model.compile(
+        optimizer=SGLD(1e-3, data_size=3 * 32, seed=4),
+        loss=TeacherDirichletPosterior(lam=1.0),
+        jit_compile=jit,
+    )
+    model.fit(x, repeat_targets(targets, 3), batch_size=16, epochs=2, verbose=0, shuffle=False)
+    return [np.asarray(w) for w in model.get_weights()]
+
+
+def test_two_replicas_take_the_same_noisy_steps_as_one_device(mirrored_strategy):
+    # DESIGN rules 5 and 7: the loss is scaled per replica by Keras and the noise comes from a
+    # SeedGenerator, so the chains are the same on 2 replicas as on one device.
+    x, targets = _data()
+    keras.utils.set_random_seed(0)
+    single = _two_sgld_epochs(parallel_chains(_student(), 3), x, targets)
+    keras.utils.set_random_seed(0)
+    with mirrored_strategy.scope():
+        model = parallel_chains(_student(), 3)
+    mirrored = _two_sgld_epochs(model, x, targets)
+    for got, want in zip(mirrored, single, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_jit_compiled_sampling_runs_and_moves_the_chains_apart():
+    x, targets = _data()
+    weights = _two_sgld_epochs(parallel_chains(_student(), 3), x, targets, jit=True)
+    assert all(np.all(np.isfinite(w)) for w in weights)
+    per_chain = len(weights) // 3
+    assert not np.allclose(weights[0], weights[per_chain])  # chain 0 vs chain 1 kernels

@@ -52,9 +52,7 @@ Usage:
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -62,14 +60,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import kdtfp
 from kdtfp.bench.distiller_variants import loss_on_batch, make_student, make_variant
 from kdtfp.bench.timing import (
     calibrate_executions,
     dense_flops,
+    environment,
     epoch_timer,
     interleaved_medians,
+    mlp_arch,
     ratio_estimates,
+    report,
     step_timer,
 )
 from kdtfp.distill import teacher_cached_dataset
@@ -240,7 +240,7 @@ def run(quick: bool = False, json_path: str | None = None, verbose: bool = True)
         ("compute_bound", settings.teacher_hidden, compute),
     )
     for group, teacher_hidden, variants in groups:
-        arch = _arch(settings.input_dim, teacher_hidden, settings.num_classes)
+        arch = mlp_arch(settings.input_dim, teacher_hidden, settings.num_classes)
         log(f"[bench distiller] {group.replace('_', '-')}: teacher {arch}")
         phase = time.perf_counter()
         for model in variants.values():
@@ -280,6 +280,7 @@ def run(quick: bool = False, json_path: str | None = None, verbose: bool = True)
     saved_per_epoch = times["kdtfp_recompute_epoch"] - times["kdtfp_cached_epoch"]
     loss_diff = max(max(group) - min(group) for group in loss_checks)
 
+    env = environment()
     output = {
         "benchmark": "distiller",
         "quick": bool(quick),
@@ -310,28 +311,14 @@ def run(quick: bool = False, json_path: str | None = None, verbose: bool = True)
             "data": "synthetic N(0, I) inputs",
             "jit_compile": False,
             "jit_compile_note": "jit_compile=False for every variant except kdtfp_jit (True), timed for ratio_jit",
-            "device": "CPU" if not tf.config.list_physical_devices("GPU") else "GPU",
-            "cpu_count": os.cpu_count(),
+            "device": env["device"],
+            "cpu_count": env["cpu_count"],
         },
-        "keras_version": keras.__version__,
-        "tf_version": tf.__version__,
-        "kdtfp_version": kdtfp.__version__,
+        **{k: v for k, v in env.items() if k.endswith("_version")},
         "phase_seconds": phases,
         "seconds": time.perf_counter() - started,
     }
-    if verbose:
-        print(format_table(output))
-    if json_path:
-        directory = os.path.dirname(os.path.abspath(json_path))
-        os.makedirs(directory, exist_ok=True)
-        with open(json_path, "w") as handle:
-            json.dump(output, handle, indent=2)
-    return output
-
-
-def _arch(input_dim, hidden, num_classes):
-    """An MLP's layer widths, e.g. "64-256-256-10"."""
-    return "-".join(str(width) for width in (input_dim, *hidden, num_classes))
+    return report(output, json_path, verbose, format_table)
 
 
 def format_table(output: dict) -> str:
@@ -339,7 +326,7 @@ def format_table(output: dict) -> str:
     settings = output["settings"]
     times = output["times_ms"]
     student, teacher, overhead_teacher = (
-        _arch(settings["input_dim"], settings[key], settings["num_classes"])
+        mlp_arch(settings["input_dim"], settings[key], settings["num_classes"])
         for key in ("student_hidden", "teacher_hidden", "overhead_teacher_hidden")
     )
     lines = [

@@ -39,8 +39,6 @@ Usage:
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -48,12 +46,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import kdtfp
 from kdtfp.bench.timing import (
     calibrate_executions,
     dense_flops,
+    environment,
     interleaved_medians,
+    mlp_arch,
     ratio_estimates,
+    report,
     step_timer,
     time_block,
 )
@@ -243,6 +243,7 @@ def run(quick: bool = False, json_path: str | None = None, verbose: bool = True)
     ratios["chain_step_ratio"] = times["sgld_chains"] / settings.chains / times["adam"]
     estimates["chain_step_ratio"] = ratio_estimates(per_chain, stats["adam"]["samples"])
     fit_seconds = times["sgld_fit_sampler"] * fit_steps / 1e3
+    env = environment()
     output = {
         "benchmark": "sgld",
         "quick": bool(quick),
@@ -272,31 +273,18 @@ def run(quick: bool = False, json_path: str | None = None, verbose: bool = True)
             "kept_samples_per_fit": kept_per_fit,
             "data": "sklearn digits, load_digits_split() training set",
             "data_size": len(x),
-            "student": _arch(64, settings.student_hidden, num_classes),
-            "teacher": _arch(64, settings.teacher_hidden, num_classes) + " (random, fixed)",
+            "student": mlp_arch(64, settings.student_hidden, num_classes),
+            "teacher": mlp_arch(64, settings.teacher_hidden, num_classes) + " (random, fixed)",
             "loss": f"TeacherDirichletPosterior(lam={settings.lam}, temperature={settings.temperature})",
             "jit_compile": False,
-            "device": "CPU" if not tf.config.list_physical_devices("GPU") else "GPU",
-            "cpu_count": os.cpu_count(),
+            "device": env["device"],
+            "cpu_count": env["cpu_count"],
         },
-        "keras_version": keras.__version__,
-        "tf_version": tf.__version__,
-        "kdtfp_version": kdtfp.__version__,
+        **{k: v for k, v in env.items() if k.endswith("_version")},
         "phase_seconds": phases,
         "seconds": time.perf_counter() - started,
     }
-    if verbose:
-        print(format_table(output))
-    if json_path:
-        directory = os.path.dirname(os.path.abspath(json_path))
-        os.makedirs(directory, exist_ok=True)
-        with open(json_path, "w") as handle:
-            json.dump(output, handle, indent=2)
-    return output
-
-
-def _arch(input_dim, hidden, num_classes):
-    return "-".join(str(width) for width in (input_dim, *hidden, num_classes))
+    return report(output, json_path, verbose, format_table)
 
 
 def format_table(output: dict) -> str:

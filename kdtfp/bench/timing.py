@@ -124,3 +124,40 @@ def dense_flops(model) -> int:
         if isinstance(layer, keras.layers.Dense):
             total += 2 * int(np.prod(layer.kernel.shape))
     return total
+
+
+def mlp_arch(input_dim, hidden, num_classes) -> str:
+    """An MLP's layer widths, e.g. "64-256-256-10"."""
+    return "-".join(str(width) for width in (input_dim, *hidden, num_classes))
+
+
+def environment() -> dict:
+    """Versions and device of this run, for a benchmark's JSON record."""
+    import os
+
+    import tensorflow as tf
+
+    import kdtfp
+
+    return {
+        "device": "CPU" if not tf.config.list_physical_devices("GPU") else "GPU",
+        "cpu_count": os.cpu_count(),
+        "keras_version": keras.__version__,
+        "tf_version": tf.__version__,
+        "kdtfp_version": kdtfp.__version__,
+    }
+
+
+def report(output: dict, json_path: str | None, verbose: bool, format_table) -> dict:
+    """Prints `format_table(output)` when `verbose`, writes `output` to `json_path` (directories
+    created) when given, and returns `output`."""
+    import json
+    import os
+
+    if verbose:
+        print(format_table(output))
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path, "w") as handle:
+            json.dump(output, handle, indent=2)
+    return output

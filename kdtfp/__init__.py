@@ -12,6 +12,7 @@ Built on TensorFlow, Keras 3 and TensorFlow Probability. The public pieces:
 * `kdtfp.teachers` — teacher builders (MLPs, bagged ensembles);
 * `kdtfp.datasets` — offline data and transfer-set samplers;
 * `kdtfp.metrics` — accuracy, log-likelihood, agreement, KL in float64;
+* `kdtfp.estimators` — log-partition estimators (importance, bridge, AIS, exact);
 * `kdtfp.distribute.make_strategy` — strategies for `--strategy/--devices`;
 * `kdtfp.export.export_student` — a SavedModel of the student alone.
 """
@@ -29,6 +30,7 @@ from kdtfp import (  # noqa: E402
     datasets,
     distill,
     distribute,
+    estimators,
     export,
     layers,
     losses,
@@ -50,6 +52,7 @@ __all__ = [
     "datasets",
     "distill",
     "distribute",
+    "estimators",
     "export",
     "layers",
     "losses",

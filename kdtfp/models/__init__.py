@@ -1,6 +1,18 @@
 """Students (and model teachers) as `keras.Model`s."""
 
+from kdtfp.models.nade import NADE, NADEConditionals, export_nade
 from kdtfp.models.parallel_chains import parallel_chains, repeat_targets, split_chain_samples
 from kdtfp.models.posterior_ensemble import PosteriorEnsemble
+from kdtfp.models.rbm import RBM, ContrastiveDivergence
 
-__all__ = ["PosteriorEnsemble", "parallel_chains", "repeat_targets", "split_chain_samples"]
+__all__ = [
+    "ContrastiveDivergence",
+    "NADE",
+    "NADEConditionals",
+    "PosteriorEnsemble",
+    "RBM",
+    "export_nade",
+    "parallel_chains",
+    "repeat_targets",
+    "split_chain_samples",
+]

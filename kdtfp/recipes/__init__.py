@@ -15,6 +15,10 @@ RECIPES = {
         "kdtfp.recipes.ensemble_compression",
         "bagged MLP ensemble -> 64-16-10 MLP with/without derivative matching, vs transfer-set size (digits)",
     ),
+    "rbm-nade": (
+        "kdtfp.recipes.rbm_nade",
+        "RBM 64-16 -> NADE 64-50 on binarised digits; log Z by NADE importance/bridge sampling vs block-Gibbs AIS at equal compute, against exact enumeration",
+    ),
     "bkd": (
         "kdtfp.recipes.bkd",
         "Bayesian KD: SGLD posterior of a student under a teacher-informed Dirichlet prior, vs KD, MC dropout, VI",

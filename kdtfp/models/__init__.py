@@ -1,5 +1,6 @@
 """Students (and model teachers) as `keras.Model`s."""
 
+from kdtfp.models.mixture_predictive import MixturePredictive
 from kdtfp.models.nade import NADE, NADEConditionals, export_nade
 from kdtfp.models.parallel_chains import parallel_chains, repeat_targets, split_chain_samples
 from kdtfp.models.posterior_ensemble import PosteriorEnsemble
@@ -7,6 +8,7 @@ from kdtfp.models.rbm import RBM, ContrastiveDivergence
 
 __all__ = [
     "ContrastiveDivergence",
+    "MixturePredictive",
     "NADE",
     "NADEConditionals",
     "PosteriorEnsemble",

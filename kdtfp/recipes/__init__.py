@@ -15,6 +15,10 @@ RECIPES = {
         "kdtfp.recipes.ensemble_compression",
         "bagged MLP ensemble -> 64-16-10 MLP with/without derivative matching, vs transfer-set size (digits)",
     ),
+    "compact-predictive": (
+        "kdtfp.recipes.compact_predictive",
+        "MCMC posterior predictive (HMC, 10^4 samples) -> mixture of 10 logistic regressors, batch vs online distillation (2-D toy, breast_cancer)",
+    ),
     "rbm-nade": (
         "kdtfp.recipes.rbm_nade",
         "RBM 64-16 -> NADE 64-50 on binarised digits; log Z by NADE importance/bridge sampling vs block-Gibbs AIS at equal compute, against exact enumeration",

@@ -1,6 +1,5 @@
 """The `bkd` recipe: its pieces, then end to end at --quick scale and under MirroredStrategy."""
 
-import json
 import os
 import subprocess
 import sys
@@ -56,23 +55,9 @@ def test_point_methods_give_one_sample_and_mc_dropout_gives_distinct_masks():
     np.testing.assert_allclose(q.sum(-1), 1.0, atol=1e-6)
 
 
-def run_quick(out, *flags):
-    json_path = out / "m.json"
-    completed = subprocess.run(
-        [sys.executable, "-m", "kdtfp.cli", "run", "bkd", "--quick"]
-        + ["--out", str(out), "--json", str(json_path), *flags],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return out, json.loads(json_path.read_text()), completed.stdout
-
-
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    return run_quick(tmp_path_factory.mktemp("bkd"))
+def quick_run(tmp_path_factory, run_recipe):
+    return run_recipe("bkd", tmp_path_factory.mktemp("bkd"))
 
 
 @pytest.mark.slow
@@ -150,9 +135,11 @@ print("ok")
 
 
 @pytest.mark.slow
-def test_mirrored_run_gives_the_same_coverage_within_monte_carlo_error(quick_run, tmp_path):
+def test_mirrored_run_gives_the_same_coverage_within_monte_carlo_error(
+    quick_run, tmp_path, run_recipe
+):
     _, record, _ = quick_run
-    _, mirrored, _ = run_quick(tmp_path, "--strategy", "mirrored", "--devices", "2")
+    _, mirrored, _ = run_recipe("bkd", tmp_path, "--strategy", "mirrored", "--devices", "2")
     a, b = record["metrics"], mirrored["metrics"]
     # Same seeds, same global batches: the runs differ only by the order of float reductions
     # across replicas, which SGLD's chaotic dynamics amplify over 2,000 steps. Both score the

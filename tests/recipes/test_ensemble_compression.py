@@ -1,9 +1,6 @@
 """The `ensemble-compression` recipe: end to end at --quick scale, and under MirroredStrategy."""
 
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,23 +12,9 @@ from kdtfp.recipes import ensemble_compression as recipe
 SIZES = (25, 50, 100, 200, 1200)
 
 
-def run_quick(out, *flags):
-    json_path = out / "m.json"
-    completed = subprocess.run(
-        [sys.executable, "-m", "kdtfp.cli", "run", "ensemble-compression", "--quick"]
-        + ["--out", str(out), "--json", str(json_path), *flags],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return out, json.loads(json_path.read_text()), completed.stdout
-
-
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    return run_quick(tmp_path_factory.mktemp("ensemble-compression"))
+def quick_run(tmp_path_factory, run_recipe):
+    return run_recipe("ensemble-compression", tmp_path_factory.mktemp("ensemble-compression"))
 
 
 @pytest.mark.slow
@@ -84,9 +67,11 @@ def test_student_trains_under_mirrored_strategy(mirrored_strategy):
 
 
 @pytest.mark.slow
-def test_quick_run_under_mirrored_strategy_writes_the_same_metrics(quick_run, tmp_path):
+def test_quick_run_under_mirrored_strategy_writes_the_same_metrics(quick_run, tmp_path, run_recipe):
     # The whole recipe from the command line on 2 replicas (logical CPUs without a GPU).
-    _, record, _ = run_quick(tmp_path, "--strategy", "mirrored", "--devices", "2")
+    _, record, _ = run_recipe(
+        "ensemble-compression", tmp_path, "--strategy", "mirrored", "--devices", "2"
+    )
     assert record["settings"]["replicas"] == 2
     assert set(record["metrics"]) == set(quick_run[1]["metrics"])
     assert abs(record["metrics"]["acc_dm_n1200"] - quick_run[1]["metrics"]["acc_dm_n1200"]) < 0.03

@@ -1,9 +1,6 @@
 """The `rbm-nade` recipe: end to end at --quick scale from the command line, and under MirroredStrategy."""
 
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,23 +12,9 @@ BUDGETS = ("1e3", "1e4", "1e5")
 METHODS = ("nade_is", "bridge", "ais")
 
 
-def run_quick(out, *flags):
-    json_path = out / "m.json"
-    completed = subprocess.run(
-        [sys.executable, "-m", "kdtfp.cli", "run", "rbm-nade", "--quick"]
-        + ["--out", str(out), "--json", str(json_path), *flags],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return out, json.loads(json_path.read_text()), completed.stdout
-
-
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    return run_quick(tmp_path_factory.mktemp("rbm-nade"))
+def quick_run(tmp_path_factory, run_recipe):
+    return run_recipe("rbm-nade", tmp_path_factory.mktemp("rbm-nade"))
 
 
 @pytest.mark.slow

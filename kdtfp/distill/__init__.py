@@ -1,6 +1,7 @@
 """The generic `Distiller`, its objectives, and teacher-output caching."""
 
 from kdtfp.distill.cache import teacher_cached_dataset, teacher_outputs
+from kdtfp.distill.constrained_vi import ConstrainedVIDistiller
 from kdtfp.distill.distiller import INPUTS, TEACHER_OUTPUTS, Distiller
 from kdtfp.distill.objective import DistillationObjective, FeatureDistillation
 
@@ -12,4 +13,5 @@ __all__ = [
     "FeatureDistillation",
     "teacher_cached_dataset",
     "teacher_outputs",
+    "ConstrainedVIDistiller",
 ]

@@ -1,7 +1,16 @@
 """Distillation objectives as `keras.losses.Loss` objects (replica scaling comes from Keras)."""
 
+from kdtfp.losses.density import BernoulliNegativeLogLikelihood, LogDensitySquaredError
 from kdtfp.losses.derivative_matching import DerivativeMatching
 from kdtfp.losses.dirichlet_posterior import TeacherDirichletPosterior
+from kdtfp.losses.similarity import SimilarityPreserving
 from kdtfp.losses.soft_target import SoftTargetKL
 
-__all__ = ["DerivativeMatching", "SoftTargetKL", "TeacherDirichletPosterior"]
+__all__ = [
+    "BernoulliNegativeLogLikelihood",
+    "DerivativeMatching",
+    "LogDensitySquaredError",
+    "SoftTargetKL",
+    "TeacherDirichletPosterior",
+    "SimilarityPreserving",
+]

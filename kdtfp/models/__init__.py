@@ -5,6 +5,7 @@ from kdtfp.models.nade import NADE, NADEConditionals, export_nade
 from kdtfp.models.parallel_chains import parallel_chains, repeat_targets, split_chain_samples
 from kdtfp.models.posterior_ensemble import PosteriorEnsemble
 from kdtfp.models.rbm import RBM, ContrastiveDivergence
+from kdtfp.models.topic_model import TopicModel, export_topic_model
 
 __all__ = [
     "ContrastiveDivergence",
@@ -13,7 +14,9 @@ __all__ = [
     "NADEConditionals",
     "PosteriorEnsemble",
     "RBM",
+    "TopicModel",
     "export_nade",
+    "export_topic_model",
     "parallel_chains",
     "repeat_targets",
     "split_chain_samples",

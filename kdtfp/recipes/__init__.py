@@ -15,6 +15,10 @@ RECIPES = {
         "kdtfp.recipes.ensemble_compression",
         "bagged MLP ensemble -> 64-16-10 MLP with/without derivative matching, vs transfer-set size (digits)",
     ),
+    "kd-lda": (
+        "kdtfp.recipes.kd_lda",
+        "constrained-VI distillation of an MLP into a topic model (LDA vs KD-LDA penalty and dual ascent), digits as word counts",
+    ),
     "compact-predictive": (
         "kdtfp.recipes.compact_predictive",
         "MCMC posterior predictive (HMC, 10^4 samples) -> mixture of 10 logistic regressors, batch vs online distillation (2-D toy, breast_cancer)",

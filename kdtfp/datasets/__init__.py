@@ -2,17 +2,20 @@
 transfer-set samplers."""
 
 from kdtfp.datasets.offline import Split, load_digits_split, load_faithful
+from kdtfp.datasets.sequences import SwitchingARData, switching_ar
 from kdtfp.datasets.synthetic import KnownProbabilities, softmax_truth
 from kdtfp.datasets.transfer import gaussian_inputs, gaussian_noise, pixel_kde, subset
 
 __all__ = [
     "KnownProbabilities",
     "Split",
+    "SwitchingARData",
     "gaussian_inputs",
     "gaussian_noise",
     "load_digits_split",
     "load_faithful",
     "pixel_kde",
     "softmax_truth",
+    "switching_ar",
     "subset",
 ]

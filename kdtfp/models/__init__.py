@@ -1,5 +1,6 @@
 """Students (and model teachers) as `keras.Model`s."""
 
+from kdtfp.models.arhmm import AutoregressiveHMM
 from kdtfp.models.mixture_predictive import MixturePredictive
 from kdtfp.models.nade import NADE, NADEConditionals, export_nade
 from kdtfp.models.parallel_chains import parallel_chains, repeat_targets, split_chain_samples
@@ -8,6 +9,7 @@ from kdtfp.models.rbm import RBM, ContrastiveDivergence
 from kdtfp.models.topic_model import TopicModel, export_topic_model
 
 __all__ = [
+    "AutoregressiveHMM",
     "ContrastiveDivergence",
     "MixturePredictive",
     "NADE",

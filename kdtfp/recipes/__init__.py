@@ -19,6 +19,10 @@ RECIPES = {
         "kdtfp.recipes.kd_lda",
         "constrained-VI distillation of an MLP into a topic model (LDA vs KD-LDA penalty and dual ascent), digits as word counts",
     ),
+    "kd-arhmm": (
+        "kdtfp.recipes.kd_arhmm",
+        "constrained-VI KD of a GRU into a 3-state AR-HMM: outcome AUROC of state features vs plain AR-HMM (synthetic switching AR)",
+    ),
     "compact-predictive": (
         "kdtfp.recipes.compact_predictive",
         "MCMC posterior predictive (HMC, 10^4 samples) -> mixture of 10 logistic regressors, batch vs online distillation (2-D toy, breast_cancer)",

@@ -1,6 +1,7 @@
 """Teacher builders: MLPs, bagged ensembles, and MCMC posteriors of Bayesian logistic regression."""
 
 from kdtfp.teachers.ensemble import BaggedEnsemble, fit_bagged
+from kdtfp.teachers.gru import gru_classifier
 from kdtfp.teachers.mcmc import (
     OnlineChain,
     PosteriorSamples,
@@ -18,6 +19,7 @@ __all__ = [
     "PosteriorSamples",
     "batch_transfer_dataset",
     "fit_bagged",
+    "gru_classifier",
     "laplace_approximation",
     "logistic_log_posterior",
     "mc_predictive_log_probs",

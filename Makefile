@@ -31,6 +31,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/kdtfp bench distiller --json saved_models/bench-distiller.json
 	$(VENV)/bin/kdtfp bench sgld --json saved_models/bench-sgld.json
+	$(VENV)/bin/kdtfp bench logz --json saved_models/bench-logz.json
+	$(VENV)/bin/kdtfp bench online --json saved_models/bench-online.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -15,7 +15,12 @@ import os
 import sys
 import time
 
-BENCHMARKS = {"distiller": "kdtfp.bench.distiller", "sgld": "kdtfp.bench.sgld"}
+BENCHMARKS = {
+    "distiller": "kdtfp.bench.distiller",
+    "sgld": "kdtfp.bench.sgld",
+    "logz": "kdtfp.bench.logz",
+    "online": "kdtfp.bench.online",
+}
 
 
 def _parser():

@@ -22,7 +22,7 @@ B. sklearn digits (teacher 5 bagged MLPs 64-256-256-10, student 64-16-10): accur
    deviance vs γ, interval examples. The BKD posterior is exported as a SavedModel.
 
 `--quick` runs one synthetic configuration and shorter chains; the full run runs the four
-configurations of METHODS.md (linear/nonlinear x K in {2, 5}) over 3 seeds and tunes λ, T and
+configurations of METHODS.md (linear/nonlinear x K in {2, 5}) over 2 seeds and tunes λ, T and
 the SGLD step (and the baselines' counterparts) on the validation NLL.
 """
 
@@ -60,7 +60,7 @@ QUICK_CONFIGS = (("nonlinear", 5, 5),)
 def _settings(quick):
     return {
         "configs": QUICK_CONFIGS if quick else CONFIGS,
-        "seeds": 1 if quick else 3,
+        "seeds": 1 if quick else 2,
         "synthetic_examples": 3000,
         "teacher_hidden": (128, 128),
         "teacher_epochs": 30 if quick else 60,
@@ -71,12 +71,12 @@ def _settings(quick):
             "hidden": 16,
             "learning_rate": 1e-2,
             "batch": 64,
-            "adam_steps": 1000 if quick else 3000,
+            "adam_steps": 1000 if quick else 2000,
             # Chains run side by side in one model (kdtfp.models.parallel_chains); `kdtfp bench
             # sgld` measured 0.35 Adam steps per chain-step with 8 chains.
             "chains": 4 if quick else 8,
-            "sgld_steps": 2000 if quick else 6000,
-            "thin": 20 if quick else 40,  # 320 (quick) / 960 (full) kept samples
+            "sgld_steps": 2000 if quick else 4000,
+            "thin": 20 if quick else 40,  # 320 (quick) / 640 (full) kept samples
         },
         # Grids searched on the validation NLL in the full run (the quick run takes the first).
         # λ and T: METHODS.md 4.7's KD grid plus T = 1 (the best validation NLL on digits in our

@@ -20,6 +20,7 @@ BENCHMARKS = {
     "sgld": "kdtfp.bench.sgld",
     "logz": "kdtfp.bench.logz",
     "online": "kdtfp.bench.online",
+    "arhmm": "kdtfp.bench.arhmm",
 }
 
 

@@ -3,10 +3,14 @@
 from kdtfp.losses.density import BernoulliNegativeLogLikelihood, LogDensitySquaredError
 from kdtfp.losses.derivative_matching import DerivativeMatching
 from kdtfp.losses.dirichlet_posterior import TeacherDirichletPosterior
+from kdtfp.losses.score_matching import AverageScoreMatching, InputScores, score_rows
 from kdtfp.losses.similarity import SimilarityPreserving
 from kdtfp.losses.soft_target import SoftTargetKL
 
 __all__ = [
+    "AverageScoreMatching",
+    "InputScores",
+    "score_rows",
     "BernoulliNegativeLogLikelihood",
     "DerivativeMatching",
     "LogDensitySquaredError",

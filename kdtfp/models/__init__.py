@@ -1,6 +1,7 @@
 """Students (and model teachers) as `keras.Model`s."""
 
 from kdtfp.models.arhmm import AutoregressiveHMM
+from kdtfp.models.gaussian_mixture import GaussianMixtureDensity, NegativeLogLikelihood
 from kdtfp.models.mixture_predictive import MixturePredictive
 from kdtfp.models.nade import NADE, NADEConditionals, export_nade
 from kdtfp.models.parallel_chains import parallel_chains, repeat_targets, split_chain_samples
@@ -11,9 +12,11 @@ from kdtfp.models.topic_model import TopicModel, export_topic_model
 __all__ = [
     "AutoregressiveHMM",
     "ContrastiveDivergence",
+    "GaussianMixtureDensity",
     "MixturePredictive",
     "NADE",
     "NADEConditionals",
+    "NegativeLogLikelihood",
     "PosteriorEnsemble",
     "RBM",
     "TopicModel",

@@ -28,6 +28,19 @@ Problems:
     components, plus a constant input (the bias); 169 test rows; transfer inputs from the
     Gaussian fitted to the training inputs (`bc_*` metrics).
 
+Average score matching (full run only, `settings["score_matching"]`): two more students,
+`batch_dm` and `online_dm`, trained by `model.fit` on `KL(teacher || student) + score_weight *
+L_ASM` (`kdtfp.losses.AverageScoreMatching` on `InputScores(student)`), where
+`L_ASM = sum_y p(y|x)/2 ||grad_x log f(y|x) - grad_x log p(y|x)||^2` (METHODS.md §5.3-5.4); the
+teacher's score rows are computed in the `tf.data` pipeline from the bag (batch) or from the
+chains' current state (online; the parameter gradient is linear in `(p, grad_x p)`, so the
+online targets keep it unbiased). Metrics `kl_batch_dm`, `kl_online_dm` (and `_test`, `bc_`).
+
+Density variant: the toy posterior's samples distilled into `GaussianMixtureDensity(3, 2)` by
+maximum likelihood; `density_kl_gmm` = KL(posterior || mixture) on held-out draws with the
+posterior normalised by grid quadrature, against one moment-matched Gaussian
+(`density_kl_gaussian`).
+
 Memory: `memory_floats_teacher` (the bag) vs `memory_floats_online` (the chains' state); the
 online chain is also run alone for 10^3 and 10^5 transitions (10^3 and 10^4 with --quick), its
 stored floats and the process's resident-memory growth recorded each time
@@ -46,10 +59,15 @@ import tensorflow as tf
 
 from kdtfp.distribute import safe_steps_per_execution
 from kdtfp.export import export_student
+from kdtfp.losses.score_matching import AverageScoreMatching, InputScores, score_rows
+from kdtfp.models.gaussian_mixture import GaussianMixtureDensity
 from kdtfp.models.mixture_predictive import MixturePredictive
 from kdtfp.recipes.base import Result, RunConfig, Timer
 from kdtfp.teachers.mcmc import (
     OnlineChain,
+    _predictive_log_probs,
+    _seed_pair,
+    logistic_log_posterior,
     mc_predictive_log_probs,
     sample_posterior,
 )
@@ -88,6 +106,16 @@ def _settings(quick):
         "bc_pca": 5,
         "memory_steps": (1_000, 10_000) if quick else (1_000, 100_000),
         "grid": 40,
+        # Average score matching (METHODS.md §5.3-5.4) as a third pair of students,
+        # `batch_dm` / `online_dm`, trained on KL + score_weight * L_ASM (full run only: it
+        # would push --quick past its time budget).
+        "score_matching": not quick,
+        "score_weight": 1.0,
+        # Density variant: the toy posterior's samples distilled into a 3-component Gaussian
+        # mixture by maximum likelihood, scored by exact KL (log Z by quadrature on a grid).
+        "density_components": 3,
+        "density_epochs": 10 if quick else 40,
+        "density_grid": 300,
     }
 
 
@@ -159,6 +187,48 @@ def _train(dataset, dim, settings, steps, seed, strategy, jit):
     return student
 
 
+def score_transfer_dataset(samples_or_chain, input_sampler, batch_size, seed=0):
+    """An endless `(x [b, D], teacher score rows [b, 2, 1 + D])` dataset for score matching.
+
+    The rows (`kdtfp.losses.score_matching.score_rows`) are the log MC predictive of the stored
+    bag `[S, D]` (batch) or of the chains' current state (an `OnlineChain`, advanced one element
+    per batch: online) and its input-gradient. The inputs are those of
+    `batch_transfer_dataset` / `online_transfer_dataset` with the same `seed`.
+    """
+    base = _seed_pair(seed)
+
+    def make(index, samples):
+        x = input_sampler(tf.stack([base[0], tf.cast(index, tf.int32)]), batch_size)
+        return x, score_rows(lambda z: _predictive_log_probs(samples, z), x)
+
+    if isinstance(samples_or_chain, OnlineChain):
+        return tf.data.Dataset.zip(tf.data.Dataset.counter(), samples_or_chain.states()).map(make)
+    bag = tf.constant(np.asarray(samples_or_chain, "float32"))
+    return tf.data.Dataset.counter().map(lambda index: make(index, bag))
+
+
+def _train_score_matching(dataset, dim, settings, steps, seed, strategy, jit):
+    """A `MixturePredictive` fitted on KL(teacher || student) + score_weight * L_ASM."""
+    keras.utils.set_random_seed(seed)
+    with strategy.scope():
+        student = MixturePredictive(settings["components"], seed=seed, name="student")
+        scored = InputScores(student, name="scored_student")
+        scored.build((None, dim))
+        schedule = keras.optimizers.schedules.PolynomialDecay(
+            settings["learning_rate"], steps, end_learning_rate=0.0, power=1.0
+        )
+        scored.compile(
+            optimizer=keras.optimizers.SGD(schedule),
+            loss=AverageScoreMatching(score_weight=settings["score_weight"], kl_weight=1.0),
+            steps_per_execution=safe_steps_per_execution(50, strategy),
+            jit_compile=jit,
+        )
+    history = scored.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
+    if not np.isfinite(history.history["loss"][-1]):
+        raise FloatingPointError(f"The score-matching loss became NaN/Inf within {steps} steps.")
+    return student
+
+
 def _distill(problem, settings, steps, seed, config, strategy):
     """Trains the batch and the online students on the same transfer inputs.
 
@@ -186,10 +256,17 @@ def _distill(problem, settings, steps, seed, config, strategy):
     runs = {"batch": (batch_data, steps), "online": (online_data, steps)}
     if settings["online_more_steps"] > 1:
         runs["online_more_steps"] = (online_data, steps * settings["online_more_steps"])
+    if settings.get("score_matching"):
+        for kind, teacher in (("batch_dm", problem["posterior"].bag), ("online_dm", chain)):
+            data = score_transfer_dataset(
+                teacher, problem["sampler"], settings["batch_size"], seed=seed
+            )
+            runs[kind] = (data, steps)
     students, seconds = {}, {}
     for kind, (data, kind_steps) in runs.items():
+        train = _train_score_matching if kind.endswith("_dm") else _train
         with Timer() as timer:
-            students[kind] = _train(data, dim, settings, kind_steps, seed, strategy, config.jit)
+            students[kind] = train(data, dim, settings, kind_steps, seed, strategy, config.jit)
         seconds[kind] = timer.seconds
     return students, chain, seconds
 
@@ -266,6 +343,63 @@ def _online_memory(chain, settings):
         out[f"mean_state_online_{label}"] = float(total) / (elements * chain.num_chains * chain.dim)
         out[f"mcmc_steps_{label}"] = steps
     return out
+
+
+def _density_distillation(problem, settings, seed, strategy=None):
+    """Distils the posterior's samples (a 2-D bag) into a `GaussianMixtureDensity` by ML.
+
+    Trained on the first 80 % of every chain's draws, scored on the last 20 %:
+    `density_kl_gmm` = KL(posterior || mixture) = mean over held-out draws of
+    `log p(w | data) - log q(w)`, with the posterior normalised by quadrature of
+    `logistic_log_posterior` on a grid around the samples (2-D only); the same for one Gaussian
+    fitted by moments (`density_kl_gaussian`), and held-out mean log-likelihoods.
+    """
+    samples = problem["posterior"].samples  # [R, C, D]
+    cut = int(0.8 * samples.shape[0])
+    dim = samples.shape[-1]
+    if dim != 2:
+        raise ValueError(f"The density variant normalises a 2-D posterior on a grid; D = {dim}.")
+    train = samples[:cut].reshape(-1, dim)
+    held_out = samples[cut:].reshape(-1, dim).astype("float64")
+    keras.utils.set_random_seed(seed)
+    with (strategy or tf.distribute.get_strategy()).scope():
+        gmm = GaussianMixtureDensity(settings["density_components"], dim=dim, seed=seed)
+        gmm.init_from_samples(train, seed=seed)
+        gmm.compile(optimizer=keras.optimizers.Adam(0.01))
+    with Timer() as timer:
+        gmm.fit(train, batch_size=256, epochs=settings["density_epochs"], verbose=0)
+    log_q = np.asarray(gmm.log_prob(held_out.astype("float32")), "float64")
+
+    # Exact normaliser of the 2-D posterior on a grid covering the samples with a margin.
+    log_post = logistic_log_posterior(problem["x"], problem["y"], settings["prior_scale"])
+    low, high = samples.reshape(-1, dim).min(0), samples.reshape(-1, dim).max(0)
+    margin = 0.5 * (high - low)
+    axes = [
+        np.linspace(lo - m, hi + m, settings["density_grid"])
+        for lo, hi, m in zip(low, high, margin, strict=True)
+    ]
+    mesh = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, dim)
+    log_grid = np.asarray(log_post(tf.constant(mesh, tf.float32)), "float64")
+    cell = np.prod([a[1] - a[0] for a in axes])
+    log_z = float(np.logaddexp.reduce(log_grid) + np.log(cell))
+    log_p = np.asarray(log_post(tf.constant(held_out, tf.float32)), "float64") - log_z
+
+    mean, cov = train.mean(0), np.cov(train, rowvar=False)
+    diff = held_out - mean
+    log_gauss = -0.5 * (
+        np.einsum("bi,ij,bj->b", diff, np.linalg.inv(cov), diff)
+        + np.linalg.slogdet(cov)[1]
+        + dim * np.log(2 * np.pi)
+    )
+    return {
+        "density_kl_gmm": float(np.mean(log_p - log_q)),
+        "density_kl_gaussian": float(np.mean(log_p - log_gauss)),
+        "density_ll_gmm": float(np.mean(log_q)),
+        "density_ll_gaussian": float(np.mean(log_gauss)),
+        "density_ll_exact": float(np.mean(log_p)),
+        "density_stored_floats_gmm": int(sum(np.prod(w.shape) for w in gmm.weights)),
+        "density_train_seconds": timer.seconds,
+    }
 
 
 # ----------------------------------------------------------------------------------- plots
@@ -370,6 +504,17 @@ def run(config: RunConfig) -> Result:
         f"[{NAME}] toy grid KL: batch {table['kl_batch']:.4g}, online {table['kl_online']:.4g} "
         f"(ratio {table['kl_online_over_batch']:.3f}); accuracy MC {table['acc_mc']:.3f}, "
         f"batch {table['acc_batch']:.3f}, online {table['acc_online']:.3f}"
+    )
+    if settings["score_matching"]:
+        table["kl_online_dm_over_batch_dm"] = table["kl_online_dm"] / table["kl_batch_dm"]
+        config.log(
+            f"[{NAME}] toy grid KL with average score matching: batch {table['kl_batch_dm']:.4g}, "
+            f"online {table['kl_online_dm']:.4g}"
+        )
+    table.update(_density_distillation(toy, settings, config.seed, strategy))
+    config.log(
+        f"[{NAME}] toy posterior density: KL(posterior || GMM-{settings['density_components']}) "
+        f"{table['density_kl_gmm']:.4g} vs one Gaussian {table['density_kl_gaussian']:.4g}"
     )
 
     # (b) breast_cancer.

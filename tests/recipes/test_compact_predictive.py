@@ -43,6 +43,8 @@ KEYS = (
     "memory_floats_online_long",
     "rss_growth_mb_online_short",
     "rss_growth_mb_online_long",
+    "density_kl_gmm",
+    "density_kl_gaussian",
 )
 
 
@@ -102,6 +104,8 @@ def test_students_are_close_to_the_mc_predictive_at_a_fraction_of_the_memory(qui
     assert metrics["memory_floats_teacher"] == 20000
     assert metrics["memory_floats_online"] < 0.02 * metrics["memory_floats_teacher"]
     assert metrics["predict_time_ratio"] > 5
+    # The density variant: a 3-component mixture is closer to the posterior than one Gaussian.
+    assert -0.02 < metrics["density_kl_gmm"] < metrics["density_kl_gaussian"]
 
 
 @pytest.mark.slow
@@ -158,3 +162,46 @@ def test_batch_and_online_students_train_under_mirrored_strategy(mirrored_strate
         out = np.asarray(student(grid))
         assert out.shape == (1600, 2) and np.all(np.isfinite(out))
     assert chain.stored_floats == 4 * 3
+
+
+def test_score_transfer_dataset_serves_the_mc_predictive_scores_on_the_same_inputs():
+    from kdtfp.losses.score_matching import score_rows
+    from kdtfp.teachers.mcmc import mc_predictive_log_probs
+    from kdtfp.teachers.mcmc_streams import batch_transfer_dataset
+
+    bag = np.random.default_rng(0).normal(0.0, 1.0, (7, 2)).astype("float32")
+    sampler = gaussian_inputs(np.zeros(2), 10.0)
+    x, rows = next(iter(recipe.score_transfer_dataset(bag, sampler, 5, seed=3)))
+    x_ce, _ = next(iter(batch_transfer_dataset(bag, sampler, 5, seed=3)))
+    np.testing.assert_array_equal(x.numpy(), x_ce.numpy())  # common random numbers
+    assert rows.shape == (5, 2, 3)
+    expected = score_rows(lambda z: mc_predictive_log_probs(bag, z), x)
+    np.testing.assert_allclose(rows.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_score_matching_and_density_students_train_at_unit_scale():
+    x, y, _, _ = recipe.thesis_toy(0)
+    settings = dict(
+        recipe._settings(quick=True),
+        burn_in=50,
+        online_chains=4,
+        score_matching=True,
+        density_epochs=3,
+        density_grid=120,
+    )
+    posterior = sample_posterior(
+        x, y, num_results=250, num_chains=2, num_burnin_steps=100, jit_compile=False
+    )
+    problem = {"x": x, "y": y, "sampler": gaussian_inputs(np.zeros(2), 10.0)}
+    problem["posterior"] = posterior
+    config = recipe.RunConfig(quick=True, verbose=0)
+    strategy = tf.distribute.get_strategy()
+    students, _, _ = recipe._distill(problem, settings, 20, 0, config, strategy)
+    assert set(students) == {"batch", "online", "batch_dm", "online_dm"}
+    grid = recipe._grid(settings)[1]
+    for kind in ("batch_dm", "online_dm"):
+        out = np.asarray(students[kind](grid))
+        assert out.shape == (1600, 2) and np.all(np.isfinite(out))
+    density = recipe._density_distillation(problem, settings, 0)
+    assert density["density_stored_floats_gmm"] == 3 * (1 + 2 + 3)
+    assert -0.05 < density["density_kl_gmm"] < density["density_kl_gaussian"]

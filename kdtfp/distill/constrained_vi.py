@@ -12,6 +12,7 @@ from keras import ops
 
 from kdtfp.distill.checks import check_arrays
 from kdtfp.distill.distiller import unscale_loss_for_distribution
+from kdtfp.distill.safe_compile import SafeCompile
 
 MODES = ("penalty", "lagrangian")
 
@@ -27,7 +28,7 @@ def _check_nonnegative(value, argument):
 
 
 @keras.saving.register_keras_serializable(package="kdtfp")
-class ConstrainedVIDistiller(keras.Model):
+class ConstrainedVIDistiller(SafeCompile, keras.Model):
     """Fits a probabilistic student by VI while its posterior features keep the teacher's
     similarity structure.
 
@@ -209,28 +210,6 @@ class ConstrainedVIDistiller(keras.Model):
         return total
 
     # ------------------------------------------------------------------ compile and fit
-
-    def compile(self, *args, steps_per_execution=1, **kwargs):
-        """`keras.Model.compile`; `steps_per_execution` falls back to 1 on several replicas
-        (keras-team/keras#19246). A `loss` argument is not needed (and is ignored)."""
-        from kdtfp.distribute import safe_steps_per_execution
-
-        safe = safe_steps_per_execution(steps_per_execution, self.distribute_strategy)
-        if safe != steps_per_execution:
-            warnings.warn(
-                f"steps_per_execution={steps_per_execution} fails under a multi-replica strategy "
-                "in Keras 3 (keras-team/keras#19246); using 1.",
-                stacklevel=2,
-            )
-        super().compile(*args, steps_per_execution=safe, **kwargs)
-
-    def compile_from_config(self, config):
-        # Keras skips re-compiling a loaded model whose class overrides `compile` unless this is
-        # overridden too (as in `Distiller`).
-        config = keras.saving.deserialize_keras_object(config)
-        self.compile(**config)
-        if hasattr(self, "optimizer") and self.built:
-            self.optimizer.build(self.trainable_variables)
 
     def fit(self, x=None, y=None, batch_size=None, callbacks=None, **kwargs):
         """`keras.Model.fit(x, teacher_features, ...)` after checks that run before any step.

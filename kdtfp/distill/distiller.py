@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import keras
 import numpy as np
 import tensorflow as tf
@@ -18,6 +16,7 @@ from kdtfp.distill.checks import (
     static_output_shape,
 )
 from kdtfp.distill.objective import DistillationObjective, as_loss, as_objective, check_weight
+from kdtfp.distill.safe_compile import SafeCompile
 
 #: Keys of an input dict that carries precomputed teacher outputs (see `teacher_cached_dataset`).
 INPUTS = "inputs"
@@ -41,7 +40,7 @@ def split_inputs(inputs):
 
 
 @keras.saving.register_keras_serializable(package="kdtfp")
-class Distiller(keras.Model):
+class Distiller(SafeCompile, keras.Model):
     """Trains `student` to reproduce a frozen `teacher`, with `fit` and any distribution strategy.
 
     The loss is
@@ -361,30 +360,6 @@ class Distiller(keras.Model):
         return loss(teacher_rows, student_rows, sample_weight), teacher_logits[0]
 
     # ------------------------------------------------------------------ compile and fit
-
-    def compile(self, *args, steps_per_execution=1, **kwargs):
-        """`keras.Model.compile`; `steps_per_execution` falls back to 1 on several replicas.
-
-        That works around a Keras 3 bug under `MirroredStrategy` (keras-team/keras#19246).
-        """
-        from kdtfp.distribute import safe_steps_per_execution
-
-        safe = safe_steps_per_execution(steps_per_execution, self.distribute_strategy)
-        if safe != steps_per_execution:
-            warnings.warn(
-                f"steps_per_execution={steps_per_execution} fails under a {self.distribute_strategy.num_replicas_in_sync}-replica "
-                "strategy in Keras 3 (keras-team/keras#19246); using 1.",
-                stacklevel=2,
-            )
-        super().compile(*args, steps_per_execution=safe, **kwargs)
-
-    def compile_from_config(self, config):
-        # Keras skips re-compiling a loaded model whose class overrides `compile` unless this is
-        # overridden too; the body is Keras's own (trainer.py).
-        config = keras.saving.deserialize_keras_object(config)
-        self.compile(**config)
-        if hasattr(self, "optimizer") and self.built:
-            self.optimizer.build(self.trainable_variables)
 
     def fit(self, x=None, y=None, batch_size=None, **kwargs):
         """`keras.Model.fit`, after checks that fail before any step runs.

@@ -46,7 +46,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from kdtfp.bench.timing import environment, interleaved_medians, ratio_estimates, report, time_block
+from kdtfp.bench.timing import interleaved_medians, ratio_estimates, report, time_block
 from kdtfp.models.arhmm import AutoregressiveHMM
 
 tfd = tfp.distributions
@@ -216,7 +216,6 @@ def run(quick: bool = False, json_path: str | None = None, verbose: bool = True)
                 )
     ratios = {name: cell["ratio"] for name, cell in cells.items()}
     max_rel_diff = max(cell["max_rel_diff"] for cell in cells.values())
-    env = environment()
     output = {
         "benchmark": "arhmm",
         "quick": bool(quick),
@@ -240,14 +239,10 @@ def run(quick: bool = False, json_path: str | None = None, verbose: bool = True)
             "baseline": "tfd.HiddenMarkovModel(time_varying_observation_distribution=True)"
             ".log_prob, tf.function",
             "throughput_unit": "sequence-steps per second (batch_size * T / seconds per call)",
-            "device": env["device"],
-            "cpu_count": env["cpu_count"],
         },
-        **{k: v for k, v in env.items() if k.endswith("_version")},
         "tfp_version": tfp.__version__,
-        "seconds": time.perf_counter() - started,
     }
-    return report(output, json_path, verbose, format_table)
+    return report(output, json_path, verbose, format_table, started=started)
 
 
 def format_table(output: dict) -> str:

@@ -64,7 +64,6 @@ from kdtfp.bench.distiller_variants import loss_on_batch, make_student, make_var
 from kdtfp.bench.timing import (
     calibrate_executions,
     dense_flops,
-    environment,
     epoch_timer,
     interleaved_medians,
     mlp_arch,
@@ -280,7 +279,6 @@ def run(quick: bool = False, json_path: str | None = None, verbose: bool = True)
     saved_per_epoch = times["kdtfp_recompute_epoch"] - times["kdtfp_cached_epoch"]
     loss_diff = max(max(group) - min(group) for group in loss_checks)
 
-    env = environment()
     output = {
         "benchmark": "distiller",
         "quick": bool(quick),
@@ -311,14 +309,9 @@ def run(quick: bool = False, json_path: str | None = None, verbose: bool = True)
             "data": "synthetic N(0, I) inputs",
             "jit_compile": False,
             "jit_compile_note": "jit_compile=False for every variant except kdtfp_jit (True), timed for ratio_jit",
-            "device": env["device"],
-            "cpu_count": env["cpu_count"],
         },
-        **{k: v for k, v in env.items() if k.endswith("_version")},
-        "phase_seconds": phases,
-        "seconds": time.perf_counter() - started,
     }
-    return report(output, json_path, verbose, format_table)
+    return report(output, json_path, verbose, format_table, started=started, phases=phases)
 
 
 def format_table(output: dict) -> str:

@@ -39,7 +39,7 @@ import numpy as np
 import tensorflow as tf
 
 from kdtfp import estimators as est
-from kdtfp.bench.timing import environment, interleaved_medians, ratio_estimates, report, time_block
+from kdtfp.bench.timing import interleaved_medians, ratio_estimates, report, time_block
 from kdtfp.recipes import rbm_nade as recipe
 
 METHODS = recipe.METHODS  # ("nade_is", "bridge", "ais")
@@ -206,7 +206,6 @@ def run(quick: bool = False, json_path: str | None = None, verbose: bool = True)
             estimates[f"{method}_over_is_time_{key}"] = ratio_estimates(
                 stats[key][method]["samples"], stats[key][BASELINE]["samples"]
             )
-    env = environment()
     output = {
         "benchmark": "logz",
         "quick": bool(quick),
@@ -228,14 +227,9 @@ def run(quick: bool = False, json_path: str | None = None, verbose: bool = True)
             "rbm": f"{x_train.shape[1]}-{settings['rbm_hidden']} (PCD-1)",
             "nade": f"{x_train.shape[1]}-{settings['nade_hidden']}",
             "unit": "E = one D x H product of the RBM",
-            "device": env["device"],
-            "cpu_count": env["cpu_count"],
         },
-        **{k: v for k, v in env.items() if k.endswith("_version")},
-        "phase_seconds": phases,
-        "seconds": time.perf_counter() - started,
     }
-    return report(output, json_path, verbose, format_table)
+    return report(output, json_path, verbose, format_table, started=started, phases=phases)
 
 
 def format_table(output: dict) -> str:

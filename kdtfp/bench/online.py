@@ -48,7 +48,6 @@ import tensorflow as tf
 
 from kdtfp.bench.timing import (
     calibrate_executions,
-    environment,
     interleaved_medians,
     ratio_estimates,
     report,
@@ -236,7 +235,6 @@ def run(quick: bool = False, json_path: str | None = None, verbose: bool = True)
         out[f"online_over_batch_stored_floats_{label}"] = (
             out[f"stored_floats_online_{label}"] / out[f"stored_floats_batch_{label}"]
         )
-    env = environment()
     output = {
         "benchmark": "online",
         "quick": bool(quick),
@@ -255,14 +253,9 @@ def run(quick: bool = False, json_path: str | None = None, verbose: bool = True)
             "dim": int(dim),
             "student": f"MixturePredictive({settings['components']}), SGD",
             "jit_compile": False,
-            "device": env["device"],
-            "cpu_count": env["cpu_count"],
         },
-        **{k: v for k, v in env.items() if k.endswith("_version")},
-        "phase_seconds": phases,
-        "seconds": time.perf_counter() - started,
     }
-    return report(output, json_path, verbose, format_table)
+    return report(output, json_path, verbose, format_table, started=started, phases=phases)
 
 
 def format_table(output: dict) -> str:

@@ -49,7 +49,6 @@ import tensorflow as tf
 from kdtfp.bench.timing import (
     calibrate_executions,
     dense_flops,
-    environment,
     interleaved_medians,
     mlp_arch,
     ratio_estimates,
@@ -243,7 +242,6 @@ def run(quick: bool = False, json_path: str | None = None, verbose: bool = True)
     ratios["chain_step_ratio"] = times["sgld_chains"] / settings.chains / times["adam"]
     estimates["chain_step_ratio"] = ratio_estimates(per_chain, stats["adam"]["samples"])
     fit_seconds = times["sgld_fit_sampler"] * fit_steps / 1e3
-    env = environment()
     output = {
         "benchmark": "sgld",
         "quick": bool(quick),
@@ -277,14 +275,9 @@ def run(quick: bool = False, json_path: str | None = None, verbose: bool = True)
             "teacher": mlp_arch(64, settings.teacher_hidden, num_classes) + " (random, fixed)",
             "loss": f"TeacherDirichletPosterior(lam={settings.lam}, temperature={settings.temperature})",
             "jit_compile": False,
-            "device": env["device"],
-            "cpu_count": env["cpu_count"],
         },
-        **{k: v for k, v in env.items() if k.endswith("_version")},
-        "phase_seconds": phases,
-        "seconds": time.perf_counter() - started,
     }
-    return report(output, json_path, verbose, format_table)
+    return report(output, json_path, verbose, format_table, started=started, phases=phases)
 
 
 def format_table(output: dict) -> str:

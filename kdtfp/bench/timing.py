@@ -148,12 +148,31 @@ def environment() -> dict:
     }
 
 
-def report(output: dict, json_path: str | None, verbose: bool, format_table) -> dict:
-    """Prints `format_table(output)` when `verbose`, writes `output` to `json_path` (directories
-    created) when given, and returns `output`."""
+def report(
+    output: dict,
+    json_path: str | None,
+    verbose: bool,
+    format_table,
+    started: float,
+    phases: dict | None = None,
+) -> dict:
+    """Completes a benchmark's record and hands it out.
+
+    Adds the run's device and CPU count to `output["settings"]`, the library versions,
+    `phase_seconds` (when `phases` is given) and `seconds` since `started` (a
+    `time.perf_counter()` value); then prints `format_table(output)` when `verbose`, writes
+    `output` to `json_path` (directories created) when given, and returns it.
+    """
     import json
     import os
+    import time
 
+    env = environment()
+    output.setdefault("settings", {}).update(device=env["device"], cpu_count=env["cpu_count"])
+    output.update({k: v for k, v in env.items() if k.endswith("_version")})
+    if phases is not None:
+        output["phase_seconds"] = phases
+    output["seconds"] = time.perf_counter() - started
     if verbose:
         print(format_table(output))
     if json_path:

@@ -46,6 +46,27 @@ def _int_at_least(value, minimum):
 # ---------------------------------------------------------------------------- exact inference
 
 
+def _masked_log_emission(log_emission, mask):
+    """Float32 `log_emission` with masked steps set to 0 (`p(x_t | z_t) = 1`: they carry no
+    evidence and no normaliser)."""
+    log_emission = tf.convert_to_tensor(log_emission, tf.float32)
+    if mask is not None:
+        log_emission = log_emission * tf.cast(mask, tf.float32)[..., None]
+    return log_emission
+
+
+def _scaled_inputs(log_initial, log_transition, log_emission, mask):
+    """`(shift [B, T, 1], emission [B, T, K], transition, initial)` in probability space for the
+    scaled forward recursion: each step's emissions divided by their maximum, `shift`, which is
+    added back to the log-likelihood at the end."""
+    log_emission = _masked_log_emission(log_emission, mask)
+    shift = tf.reduce_max(log_emission, axis=-1, keepdims=True)
+    emission = tf.exp(log_emission - shift)
+    transition = tf.exp(tf.cast(log_transition, tf.float32))
+    initial = tf.exp(tf.cast(log_initial, tf.float32))
+    return shift, emission, transition, initial
+
+
 def forward_backward(log_initial, log_transition, log_emission, mask=None):
     """Exact HMM log-likelihood and posterior state marginals, vectorised over the batch.
 
@@ -76,13 +97,9 @@ def forward_backward(log_initial, log_transition, log_emission, mask=None):
     Returns:
         `(log_likelihood [B], marginals [B, T, K])`, float32.
     """
-    log_emission = tf.convert_to_tensor(log_emission, tf.float32)
-    if mask is not None:
-        log_emission = log_emission * tf.cast(mask, tf.float32)[..., None]
-    shift = tf.reduce_max(log_emission, axis=-1, keepdims=True)  # [B, T, 1]
-    emission = tf.exp(log_emission - shift)
-    transition = tf.exp(tf.cast(log_transition, tf.float32))
-    initial = tf.exp(tf.cast(log_initial, tf.float32))
+    shift, emission, transition, initial = _scaled_inputs(
+        log_initial, log_transition, log_emission, mask
+    )
 
     first = initial * emission[:, 0]
     first_norm = tf.maximum(tf.reduce_sum(first, -1, keepdims=True), _TINY)
@@ -138,13 +155,9 @@ def forward_log_likelihood(log_initial, log_transition, log_emission, mask=None)
     Returns:
         `log_likelihood [B]`, float32.
     """
-    log_emission = tf.convert_to_tensor(log_emission, tf.float32)
-    if mask is not None:
-        log_emission = log_emission * tf.cast(mask, tf.float32)[..., None]
-    shift = tf.reduce_max(log_emission, axis=-1, keepdims=True)  # [B, T, 1]
-    emission = tf.exp(log_emission - shift)
-    transition = tf.exp(tf.cast(log_transition, tf.float32))
-    initial = tf.exp(tf.cast(log_initial, tf.float32))
+    shift, emission, transition, initial = _scaled_inputs(
+        log_initial, log_transition, log_emission, mask
+    )
 
     first = initial * emission[:, 0]
     first_norm = tf.maximum(tf.reduce_sum(first, -1), _TINY)  # [B]
@@ -166,9 +179,7 @@ def forward_log_likelihood(log_initial, log_transition, log_emission, mask=None)
 def viterbi(log_initial, log_transition, log_emission, mask=None):
     """Most likely state path `argmax_z p(z_{1:T} | x_{1:T})`, `[B, T]` int32 (max-product in
     log space with back-pointers). Masked steps get -1."""
-    log_emission = tf.convert_to_tensor(log_emission, tf.float32)
-    if mask is not None:
-        log_emission = log_emission * tf.cast(mask, tf.float32)[..., None]
+    log_emission = _masked_log_emission(log_emission, mask)
     log_transition = tf.cast(log_transition, tf.float32)
     delta0 = tf.cast(log_initial, tf.float32) + log_emission[:, 0]
     time_major = tf.transpose(log_emission[:, 1:], [1, 0, 2])

@@ -1,16 +1,12 @@
 """The `compact-predictive` recipe: end to end at --quick scale from the command line, and its
 pieces (data, training under MirroredStrategy) at unit-test scale."""
 
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from kdtfp.recipes import RECIPES
 from kdtfp.recipes import compact_predictive as recipe
 from kdtfp.teachers.mcmc import sample_posterior
 from kdtfp.teachers.mcmc_streams import gaussian_inputs
@@ -48,33 +44,9 @@ KEYS = (
 )
 
 
-def run_quick(out):
-    """`kdtfp run compact-predictive --quick` (through the registry if the recipe is listed)."""
-    json_path = out / "m.json"
-    if "compact-predictive" in RECIPES:
-        command = [sys.executable, "-m", "kdtfp.cli", "run", "compact-predictive", "--quick"]
-        command += ["--out", str(out), "--json", str(json_path)]
-    else:  # not yet registered: the same run through the recipe's own entry point
-        code = (
-            "import sys, json; from kdtfp.recipes import compact_predictive as r, RunConfig, "
-            "write_result; res = r.run(RunConfig(quick=True, out=sys.argv[1])); "
-            "write_result(res, sys.argv[1], sys.argv[2])"
-        )
-        command = [sys.executable, "-c", code, str(out), str(json_path)]
-    completed = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return out, json.loads(json_path.read_text()), completed.stdout
-
-
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    return run_quick(tmp_path_factory.mktemp("compact-predictive"))
+def quick_run(tmp_path_factory, run_recipe):
+    return run_recipe("compact-predictive", tmp_path_factory.mktemp("compact-predictive"))
 
 
 @pytest.mark.slow

@@ -1,6 +1,5 @@
 """The `kd-arhmm` recipe: its pieces, then end to end at --quick scale through the CLI."""
 
-import json
 import os
 import subprocess
 import sys
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kdtfp.recipes import RECIPES, kd_arhmm
+from kdtfp.recipes import kd_arhmm
 
 METRICS = (
     "auroc_kd_arhmm",
@@ -53,35 +52,10 @@ def test_quick_settings_fit_the_ci_budget():
     assert tf.distribute.get_strategy().num_replicas_in_sync == 1
 
 
-def _run_directly(out):
-    """The steps of `kdtfp run kd-arhmm --quick` while the recipe is not yet listed in
-    `kdtfp.recipes.RECIPES`."""
-    json_path = out / "m.json"
-    script = (
-        "import keras\n"
-        "from kdtfp.recipes import RunConfig, kd_arhmm, write_result\n"
-        "keras.utils.set_random_seed(0)\n"
-        f"result = kd_arhmm.run(RunConfig(quick=True, out={str(out)!r}))\n"
-        f"write_result(result, {str(out)!r}, {str(json_path)!r})\n"
-    )
-    completed = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return json.loads(json_path.read_text()), completed.stdout
-
-
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory, run_recipe):
-    out = tmp_path_factory.mktemp("kd_arhmm")
-    if "kd-arhmm" in RECIPES:
-        _, record, stdout = run_recipe("kd-arhmm", out)
-        return record, stdout
-    return _run_directly(out)
+    _, record, stdout = run_recipe("kd-arhmm", tmp_path_factory.mktemp("kd_arhmm"))
+    return record, stdout
 
 
 @pytest.mark.slow

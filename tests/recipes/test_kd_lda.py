@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -11,14 +10,6 @@ import numpy as np
 import pytest
 
 from kdtfp.recipes import kd_lda
-
-# Runs `kdtfp run kd-lda` through `kdtfp.cli.main`, registering the recipe first if the
-# registry does not list it yet (the registration line lives in kdtfp/recipes/__init__.py).
-CLI = (
-    "import sys; from kdtfp import cli, recipes; "
-    "recipes.RECIPES.setdefault('kd-lda', ('kdtfp.recipes.kd_lda', 'kd-lda')); "
-    "cli.main(sys.argv[1:])"
-)
 
 
 def test_stratified_order_gives_class_balanced_batches_and_halves():
@@ -49,23 +40,10 @@ def test_quick_settings_are_smaller_and_split_over_replicas():
     assert kd_lda.NAME == "kd-lda" and kd_lda.DESCRIPTION
 
 
-def run_quick(out, *flags):
-    json_path = out / "m.json"
-    completed = subprocess.run(
-        [sys.executable, "-c", CLI, "run", "kd-lda", "--quick"]
-        + ["--out", str(out), "--json", str(json_path), *flags],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return json.loads(json_path.read_text()), completed.stdout
-
-
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    return run_quick(tmp_path_factory.mktemp("kd_lda"))
+def quick_run(tmp_path_factory, run_recipe):
+    _, record, stdout = run_recipe("kd-lda", tmp_path_factory.mktemp("kd_lda"))
+    return record, stdout
 
 
 @pytest.mark.slow
@@ -132,14 +110,14 @@ print("ok")
 
 
 @pytest.mark.slow
-def test_mirrored_run_matches_the_default_run_within_tolerance(quick_run, tmp_path):
+def test_mirrored_run_matches_the_default_run_within_tolerance(quick_run, tmp_path, run_recipe):
     # On 2 replicas each replica's similarity matrix covers its half of the batch (64
     # documents), so the runs differ beyond round-off: the mean similarity loss of a
     # 64-document block is larger than that of a 128-document one, so the same epsilon drives
     # the dual multiplier higher (measured: 3659 vs 1466). The results agree in substance
     # (measured, seed 0: accuracies within 1.3 points, perplexities within 2.5 %, KD 2.5 %).
     # Takes about 1 min alone on 2 cores (2 min with other jobs running).
-    mirrored, _ = run_quick(tmp_path, "--strategy", "mirrored", "--devices", "2")
+    _, mirrored, _ = run_recipe("kd-lda", tmp_path, "--strategy", "mirrored", "--devices", "2")
     a, b = quick_run[0]["metrics"], mirrored["metrics"]
     for key in ("acc_teacher", "acc_lda", "acc_kd_lda", "acc_kd_lda_dual"):
         assert abs(a[key] - b[key]) < 0.03, key

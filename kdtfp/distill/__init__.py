@@ -4,6 +4,7 @@ from kdtfp.distill.cache import teacher_cached_dataset, teacher_outputs
 from kdtfp.distill.constrained_vi import ConstrainedVIDistiller
 from kdtfp.distill.distiller import INPUTS, TEACHER_OUTPUTS, Distiller
 from kdtfp.distill.objective import DistillationObjective, FeatureDistillation
+from kdtfp.distill.shared_noise import SharedNoiseDistiller
 
 __all__ = [
     "INPUTS",
@@ -14,4 +15,5 @@ __all__ = [
     "teacher_cached_dataset",
     "teacher_outputs",
     "ConstrainedVIDistiller",
+    "SharedNoiseDistiller",
 ]

@@ -2,6 +2,7 @@
 
 from kdtfp.models.arhmm import AutoregressiveHMM
 from kdtfp.models.gaussian_mixture import GaussianMixtureDensity, NegativeLogLikelihood
+from kdtfp.models.generative import Node, SharedNoiseModel, export_generative
 from kdtfp.models.mixture_predictive import MixturePredictive
 from kdtfp.models.nade import NADE, NADEConditionals, export_nade
 from kdtfp.models.parallel_chains import parallel_chains, repeat_targets, split_chain_samples
@@ -17,6 +18,9 @@ __all__ = [
     "NADE",
     "NADEConditionals",
     "NegativeLogLikelihood",
+    "Node",
+    "SharedNoiseModel",
+    "export_generative",
     "PosteriorEnsemble",
     "RBM",
     "TopicModel",

@@ -40,8 +40,8 @@ class SharedNoiseDistiller(SafeCompile, keras.Model):
     with `d` the squared 2-Wasserstein distance (`latent_divergence="w2"`) or the KL for Gaussian
     latents and the Bernoulli KL for binary ones (METHODS 3.3). The output term upper-bounds
     `KL(p_T(x) || p_S(x))`. Nodes in `teacher_forced` (observed middle nodes such as the
-    Helmholtz machine's `y2` or a VRNN's `x_{<t}`) take the teacher's sample in the student and
-    contribute no output term.
+    Helmholtz machine's `y2` or a VRNN's `x_{<t}`) pass the teacher's sample on to their children
+    in the student; their own conditionals keep their output terms.
 
     **Local distillation** (`local=True`), the baseline: every latent of the student takes the
     teacher's sample, so each conditional is fitted at the teacher's parents; errors then
@@ -101,11 +101,6 @@ class SharedNoiseDistiller(SafeCompile, keras.Model):
                     f"`teacher_forced` names {node_name!r}, which is not an observed node of the "
                     f"teacher; observed nodes: {observed}."
                 )
-        outputs = [
-            n for n in teacher.nodes if n.role == "observed" and n.name not in teacher_forced
-        ]
-        if not outputs:
-            raise ValueError("Every observed node is teacher-forced: there is no output term.")
         if self.data_weight > 0 and not hasattr(student, "negative_elbo"):
             raise ValueError("`data_weight` > 0 needs a student with `negative_elbo(x)`.")
 
@@ -162,8 +157,9 @@ class SharedNoiseDistiller(SafeCompile, keras.Model):
         output = ops.zeros((), "float32")
         latent = ops.zeros((), "float32")
         for node in self.teacher.nodes:
-            if node.name in self.teacher_forced:
-                continue
+            # A teacher-forced node passes the teacher's sample downstream, but its own
+            # conditional (at the student's parents) is still a term: the joint KL over the
+            # observed nodes given the noise is KL(y2 | eps) + E_{y2 ~ T} KL(y1 | y2, eps).
             losses = self.output_losses if node.role == "observed" else self.latent_losses
             value = losses[node.family](teacher[node.name], student[node.name], sample_weight)
             if node.role == "observed":
@@ -190,6 +186,15 @@ class SharedNoiseDistiller(SafeCompile, keras.Model):
         for loss in self.student.losses:
             total = total + ops.cast(self._aggregate_additional_loss(loss), "float32")
         return total
+
+    def fit(self, x=None, y=None, *, nan_guard=True, **kwargs):
+        """`keras.Model.fit` with a `kdtfp.callbacks.NaNGuard()` appended unless one is in the
+        callbacks or `nan_guard=False`: a NaN/Inf term or weight raises
+        `NumericalFailureError` naming the step and the term, with the last good weights back."""
+        from kdtfp.callbacks.nan_guard import with_nan_guard
+
+        kwargs["callbacks"] = with_nan_guard(kwargs.get("callbacks"), nan_guard)
+        return super().fit(x, y, **kwargs)
 
     # ------------------------------------------------------------------ serialisation
 

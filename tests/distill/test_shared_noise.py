@@ -101,13 +101,25 @@ def test_data_assisted_mode_adds_the_data_loss():
         ({"data_weight": -0.1}, "data_weight"),
         ({"latent_divergence": "l1"}, "latent_divergence"),
         ({"teacher_forced": ("z2",)}, "teacher_forced"),
-        ({"teacher_forced": ("x",)}, "no output term"),
     ],
 )
 def test_bad_arguments_are_refused_before_training(kwargs, pattern):
     teacher, student = models()
     with pytest.raises(ValueError, match=pattern):
         SharedNoiseDistiller(student, teacher, **kwargs)
+
+
+def test_a_teacher_forced_node_keeps_its_output_term():
+    teacher, student = models()
+    noise = teacher.sample_noise(64, seed=(2, 2))
+    forced = SharedNoiseDistiller(student, teacher, teacher_forced=("x",))
+    forced.compute_loss(noise, training=False)
+    outputs = forced(noise)
+    # The student's x conditional is evaluated at its own parents; only its sample is forced.
+    np.testing.assert_array_equal(
+        outputs["student"]["x"]["sample"], outputs["teacher"]["x"]["sample"]
+    )
+    assert float(forced.output_tracker.result()) > 0.01
 
 
 def test_different_layouts_are_refused():

@@ -1,8 +1,24 @@
-"""Export a trained student alone as a SavedModel that serves with only TensorFlow installed."""
+"""Export a trained student alone as a SavedModel that serves with only TensorFlow installed.
+
+Layout: recipes write each export to a numbered version folder, `saved_models/RECIPE/export/1/`,
+`.../export/2/`, ... (`versioned_export_path`), the layout TensorFlow Serving's
+`--model_base_path=saved_models/RECIPE/export` expects: it serves the highest version.
+
+Signatures: every endpoint has an explicit `tf.TensorSpec` per input (batch dimension `None`,
+every other dimension and the dtype fixed) and checks the shape of each request in the graph
+(`tf.ensure_shape`), so a request with the wrong feature dimension is refused with
+"Shape of tensor inputs [2,65] is not compatible with expected shape [?,64]" rather than failing
+somewhere inside the model (or, worse, broadcasting). A float request with NaN or Inf is refused
+("`inputs` has NaN or Inf values : Tensor had NaN values"), since a ReLU network would turn the NaN
+into a confident prediction. A request of the wrong dtype is refused by the signature itself. An
+empty batch gives empty outputs. `kdtfp serve-check PATH` verifies all of this on an export, in
+a process where kdtfp cannot be imported.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 
 import keras
 import tensorflow as tf
@@ -22,11 +38,105 @@ def _student_of(model_or_distiller):
     )
 
 
+def versioned_export_path(base, version=None):
+    """The folder for one version of an export under `base`: `base/<version>`.
+
+    TensorFlow Serving (`--model_base_path=base`) serves the highest numbered sub-folder of
+    `base` and ignores other names, so a new export never overwrites one being served.
+
+    Args:
+        base: the export's base folder, e.g. `saved_models/RECIPE/export` (need not exist; an
+            existing file there is an error).
+        version: an int >= 1, or None for the next free version (1 + the highest existing one;
+            1 when `base` has none).
+
+    Returns:
+        `os.path.join(base, str(version))`; e.g. `saved_models/RECIPE/export/1` for a new base.
+        The folder itself is not created (the exporters create it).
+
+    Example:
+
+    >>> export_student(distiller, versioned_export_path("saved_models/my-student/export"))
+    'saved_models/my-student/export/1'
+    """
+    base = os.fspath(base)
+    if os.path.isfile(base):
+        raise ValueError(f"`base`={base!r} is a file; give the export's base folder.")
+    if version is None:
+        versions = export_versions(base)
+        version = versions[-1] + 1 if versions else 1
+    elif isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"`version` must be an int >= 1 or None, got {version!r}.")
+    return os.path.join(base, str(version))
+
+
+def export_versions(base):
+    """The version numbers (sorted ints) of the numbered sub-folders of `base`; [] if none."""
+    base = os.fspath(base)
+    if not os.path.isdir(base):
+        return []
+    return sorted(
+        int(name)
+        for name in os.listdir(base)
+        if re.fullmatch(r"[0-9]+", name) and os.path.isdir(os.path.join(base, name))
+    )
+
+
+def check_serving_spec(spec, argument="input_signature"):
+    """Checks that `spec` is a serving `tf.TensorSpec`: batch dimension None, the rest fixed.
+
+    Returns `spec`, named "inputs" when it had no name (the signature's input key).
+    """
+    if not isinstance(spec, tf.TensorSpec):
+        raise ValueError(
+            f"`{argument}` must be a tf.TensorSpec, e.g. tf.TensorSpec([None, 64], tf.float32), "
+            f"got {type(spec).__name__}."
+        )
+    shape = spec.shape
+    if shape.rank is None or shape.rank < 1 or shape[0] is not None:
+        raise ValueError(
+            f"`{argument}` must have batch dimension None and a known rank, got shape {shape}."
+        )
+    if any(dim is None for dim in shape[1:]):
+        raise ValueError(
+            f"`{argument}` must fix every dimension but the batch one, got shape {shape}; e.g. "
+            "tf.TensorSpec([None, 64], tf.float32)."
+        )
+    if spec.name is None:
+        spec = tf.TensorSpec(shape, spec.dtype, name="inputs")
+    return spec
+
+
+def checked(function, spec):
+    """`function(inputs)` preceded by in-graph checks of the request against `spec`.
+
+    The shape must match `spec` (`tf.ensure_shape`); float inputs must be finite
+    (`tf.debugging.check_numerics`): a NaN would otherwise come out as a confident-looking
+    prediction (a ReLU maps it to 0). Both are refused with an `InvalidArgumentError` that names
+    the input.
+    """
+    name = spec.name or "inputs"
+
+    def endpoint(inputs):
+        inputs = tf.ensure_shape(inputs, spec.shape, name=f"check_{name}")
+        if spec.dtype.is_floating:
+            inputs = tf.debugging.check_numerics(inputs, f"`{name}` has NaN or Inf values")
+        return function(inputs)
+
+    return endpoint
+
+
 def _input_spec(student, input_signature):
     if input_signature is not None:
-        return input_signature
+        return check_serving_spec(input_signature)
     symbolic = single_symbolic_input(student)
     if symbolic is not None:
+        if any(dim is None for dim in symbolic.shape[1:]):
+            raise ValueError(
+                f"`input_signature` is needed: the student's input shape {tuple(symbolic.shape)} "
+                "leaves a dimension other than the batch one open, and a serving signature fixes "
+                "them. Pass e.g. `input_signature=tf.TensorSpec([None, 48, 2], tf.float32)`."
+            )
         return tf.TensorSpec(
             (None,) + tuple(symbolic.shape[1:]), symbolic.dtype or "float32", name="inputs"
         )
@@ -77,9 +187,11 @@ def export_student(model_or_distiller, path, endpoints=None, input_signature=Non
     def logits(inputs):
         return tf.cast(student(inputs, training=False), tf.float32)
 
-    archive.add_endpoint("logits", logits, input_signature=[spec])
+    archive.add_endpoint("logits", checked(logits, spec), input_signature=[spec])
     archive.add_endpoint(
-        "serve", lambda inputs: tf.nn.softmax(logits(inputs), axis=-1), input_signature=[spec]
+        "serve",
+        checked(lambda inputs: tf.nn.softmax(logits(inputs), axis=-1), spec),
+        input_signature=[spec],
     )
     extra = dict(student.export_endpoints()) if hasattr(student, "export_endpoints") else {}
     for name, function in (endpoints or {}).items():
@@ -87,7 +199,7 @@ def export_student(model_or_distiller, path, endpoints=None, input_signature=Non
     for name, function in extra.items():
         if name in ("serve", "logits"):
             raise ValueError(f"Endpoint name {name!r} is reserved.")
-        archive.add_endpoint(name, function, input_signature=[spec])
+        archive.add_endpoint(name, checked(function, spec), input_signature=[spec])
     archive.write_out(path, verbose=False)
     return path
 
@@ -174,6 +286,6 @@ def export_posterior(ensemble, path, input_signature=None):
         "sample_probs": sample_probs,
     }
     for name in POSTERIOR_ENDPOINTS:
-        archive.add_endpoint(name, functions[name], input_signature=[spec])
+        archive.add_endpoint(name, checked(functions[name], spec), input_signature=[spec])
     archive.write_out(path, verbose=False)
     return path

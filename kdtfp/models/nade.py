@@ -225,6 +225,8 @@ def export_nade(nade, path):
     path = os.fspath(path)
     if os.path.isfile(path):
         raise ValueError(f"`path`={path!r} is a file; give a directory for the SavedModel.")
+    from kdtfp.export import checked
+
     spec = tf.TensorSpec([None, nade.num_inputs], tf.float32, name="inputs")
     archive = keras.export.ExportArchive()
     archive.track(nade)
@@ -234,15 +236,18 @@ def export_nade(nade, path):
         return bernoulli_log_prob(x, layer(x))
 
     def sample(num_samples, seed):
+        seed = tf.ensure_shape(seed, [2], name="check_seed")
         weights = (layer.kernel, layer.hidden_bias, layer.output_kernel, layer.output_bias)
         samples, log_q = sample_nade(
             tuple(tf.convert_to_tensor(w) for w in weights), num_samples, seed
         )
         return {"samples": samples, "log_prob": log_q}
 
-    archive.add_endpoint("log_prob", log_prob, input_signature=[spec])
-    archive.add_endpoint("serve", log_prob, input_signature=[spec])
-    archive.add_endpoint("conditionals", lambda x: tf.sigmoid(layer(x)), input_signature=[spec])
+    archive.add_endpoint("log_prob", checked(log_prob, spec), input_signature=[spec])
+    archive.add_endpoint("serve", checked(log_prob, spec), input_signature=[spec])
+    archive.add_endpoint(
+        "conditionals", checked(lambda x: tf.sigmoid(layer(x)), spec), input_signature=[spec]
+    )
     archive.add_endpoint(
         "sample",
         sample,

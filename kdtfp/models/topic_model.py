@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 
 import keras
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 from keras import ops
+
+from kdtfp.seed_state import SavesSeedState
 
 tfb = tfp.bijectors
 
@@ -99,7 +102,7 @@ def dirichlet_log_prob(log_p, concentration):
 
 
 @keras.saving.register_keras_serializable(package="kdtfp")
-class TopicModel(keras.Model):
+class TopicModel(SavesSeedState, keras.Model):
     """Latent Dirichlet allocation with marginalised assignments, by ADVI + an amortised encoder.
 
     See the module docstring for the model. Calling the model on counts `x` `[B, V]`:
@@ -449,6 +452,11 @@ def export_topic_model(model, path):
     """
     if not isinstance(model, TopicModel):
         raise ValueError(f"`model` must be a TopicModel, got {type(model).__name__}.")
+    from kdtfp.export import checked
+
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        raise ValueError(f"`path`={path!r} is a file; give a directory for the SavedModel.")
     spec = tf.TensorSpec((None, model.vocab_size), tf.float32, name="counts")
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -464,9 +472,13 @@ def export_topic_model(model, path):
         probs = tf.maximum(word_probabilities(counts), 1e-30)
         return tf.reduce_sum(counts * tf.math.log(probs), axis=-1)
 
-    archive.add_endpoint("serve", proportions, input_signature=[spec])
-    archive.add_endpoint("topic_proportions", proportions, input_signature=[spec])
-    archive.add_endpoint("word_probabilities", word_probabilities, input_signature=[spec])
-    archive.add_endpoint("log_likelihood", log_likelihood, input_signature=[spec])
+    endpoints = {
+        "serve": proportions,
+        "topic_proportions": proportions,
+        "word_probabilities": word_probabilities,
+        "log_likelihood": log_likelihood,
+    }
+    for name, function in endpoints.items():
+        archive.add_endpoint(name, checked(function, spec), input_signature=[spec])
     archive.write_out(path, verbose=False)
     return path

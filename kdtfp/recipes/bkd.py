@@ -35,7 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from kdtfp import datasets, metrics
-from kdtfp.export import export_posterior
+from kdtfp.export import export_posterior, versioned_export_path
 from kdtfp.losses import TeacherDirichletPosterior
 from kdtfp.predictive import summarize_probability_samples
 from kdtfp.recipes import bkd_plots
@@ -390,7 +390,9 @@ def run(config: RunConfig) -> Result:
 
     os.makedirs(config.out, exist_ok=True)
     result.plots = bkd_plots.plot_all(split, summaries, curves, GAMMAS, config.out)
-    result.export_path = export_posterior(models["bkd"], os.path.join(config.out, "export"))
+    result.export_path = export_posterior(
+        models["bkd"], versioned_export_path(os.path.join(config.out, "export"))
+    )
     return result
 
 

@@ -58,7 +58,7 @@ import numpy as np
 import tensorflow as tf
 
 from kdtfp.distribute import safe_steps_per_execution
-from kdtfp.export import export_student
+from kdtfp.export import export_student, versioned_export_path
 from kdtfp.losses.score_matching import AverageScoreMatching, InputScores, score_rows
 from kdtfp.models.gaussian_mixture import GaussianMixtureDensity
 from kdtfp.models.mixture_predictive import MixturePredictive
@@ -584,7 +584,7 @@ def run(config: RunConfig) -> Result:
     # The exported student: the online toy student (the method's point: no stored samples).
     result.export_path = export_student(
         students["online"][0],
-        os.path.join(config.out, "export"),
+        versioned_export_path(os.path.join(config.out, "export")),
         input_signature=tf.TensorSpec([None, 2], tf.float32, name="inputs"),
     )
     return result

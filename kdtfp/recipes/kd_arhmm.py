@@ -32,6 +32,7 @@ import tensorflow as tf
 from kdtfp.callbacks.dual_ascent import MultiplierSchedule
 from kdtfp.datasets.sequences import switching_ar
 from kdtfp.distill.constrained_vi import ConstrainedVIDistiller
+from kdtfp.export import checked, versioned_export_path
 from kdtfp.losses.similarity import SimilarityPreserving
 from kdtfp.models.arhmm import AutoregressiveHMM
 from kdtfp.recipes.base import Result, RunConfig, Timer
@@ -226,7 +227,17 @@ def plot_example(data, paths, out, index=0):
 def export_arhmm(student, path, length):
     """SavedModel of the ARHMM alone: endpoints `log_likelihood [B]`, `posterior_marginals
     [B, T - p, K]`, `features [B, K]` and `most_likely_states [B, T - p]` for float32
-    `[None, length, D]` inputs (DESIGN rule 10; loads without kdtfp)."""
+    `[None, length, D]` inputs (DESIGN rule 10; loads without kdtfp); each checks the
+    request's shape in the graph."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        raise ValueError(f"`path`={path!r} is a file; give a directory for the SavedModel.")
+    if (
+        isinstance(length, bool)
+        or not isinstance(length, (int, np.integer))
+        or length <= student.order
+    ):
+        raise ValueError(f"`length` must be an int > the AR order {student.order}, got {length!r}.")
     spec = tf.TensorSpec([None, length, student.observation_dim], tf.float32, name="x")
     archive = keras.export.ExportArchive()
     archive.track(student)
@@ -235,7 +246,9 @@ def export_arhmm(student, path, length):
         return lambda x: method(x)
 
     for name in ("log_likelihood", "posterior_marginals", "features", "most_likely_states"):
-        archive.add_endpoint(name, endpoint(getattr(student, name)), input_signature=[spec])
+        archive.add_endpoint(
+            name, checked(endpoint(getattr(student, name)), spec), input_signature=[spec]
+        )
     archive.write_out(path, verbose=False)
     return path
 
@@ -343,6 +356,8 @@ def run(config: RunConfig) -> Result:
         plot_example(data, {"ARHMM": paths["arhmm"], "KD-ARHMM": paths["kd_arhmm"]}, config.out)
     ]
     result.export_path = export_arhmm(
-        models["kd_arhmm"], os.path.join(config.out, "export"), settings["length"]
+        models["kd_arhmm"],
+        versioned_export_path(os.path.join(config.out, "export")),
+        settings["length"],
     )
     return result

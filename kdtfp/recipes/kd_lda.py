@@ -58,6 +58,7 @@ import tensorflow as tf
 from kdtfp.callbacks import DualAscent
 from kdtfp.distill import ConstrainedVIDistiller, teacher_outputs
 from kdtfp.distribute import safe_steps_per_execution
+from kdtfp.export import versioned_export_path
 from kdtfp.losses import SimilarityPreserving
 from kdtfp.models.topic_model import TopicModel, check_counts, export_topic_model
 from kdtfp.recipes.base import Result, RunConfig, Timer
@@ -400,5 +401,7 @@ def run(config: RunConfig) -> Result:
     plot_path = os.path.join(config.out, "topics.png")
     _plot_topics({"LDA": models["lda"], "KD-LDA": models["kd_lda"]}, plot_path)
     result.plots.append(plot_path)
-    result.export_path = export_topic_model(models["kd_lda"], os.path.join(config.out, "export"))
+    result.export_path = export_topic_model(
+        models["kd_lda"], versioned_export_path(os.path.join(config.out, "export"))
+    )
     return result

@@ -34,6 +34,7 @@ from kdtfp import datasets
 from kdtfp import estimators as est
 from kdtfp.distill.rbm_nade import distill_rbm_into_nade
 from kdtfp.distribute import safe_steps_per_execution
+from kdtfp.export import versioned_export_path
 from kdtfp.models.nade import NADE, export_nade
 from kdtfp.models.rbm import RBM
 from kdtfp.recipes.base import Result, RunConfig, Timer
@@ -330,5 +331,7 @@ def run(config: RunConfig) -> Result:
     plot_path = os.path.join(config.out, "logz_error_vs_compute.png")
     _plot(runs, settings["budgets"], log_z, table["exact_cost_E"], plot_path)
     result.plots.append(plot_path)
-    result.export_path = export_nade(nade, os.path.join(config.out, "export"))
+    result.export_path = export_nade(
+        nade, versioned_export_path(os.path.join(config.out, "export"))
+    )
     return result

@@ -63,7 +63,9 @@ class DualAscent(keras.callbacks.Callback):
     `γ` is a non-trainable weight of the model (`multiplier_name`), updated here in
     cross-replica context with `assign`, so it is the same on every replica, is saved in
     `.keras` files and checkpoints, and is restored by `keras.callbacks.BackupAndRestore` with
-    the other weights: this callback holds no state of its own. The new value is logged as
+    the other weights: this callback holds no state of its own. (With `frequency="step"` and a
+    `BackupAndRestore(save_freq=<steps>)`, list `DualAscent` first so that a backup taken after
+    a step holds that step's update.) The new value is logged as
     `"{multiplier_name}_next"` at each epoch end (the logged `multiplier` metric is the value used
     during the epoch).
 

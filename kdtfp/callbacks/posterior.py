@@ -50,13 +50,19 @@ class PosteriorSampler(keras.callbacks.Callback):
     per weight, named by the weights' Keras paths), for `arviz.summary`, `arviz.plot_trace`, ...
     ArviZ is optional: `pip install arviz`.
 
-    **Fault tolerance.** With `backup_dir`, the buffer and the step count are written to
-    `backup_dir/posterior_sampler.npz` at each epoch end (atomically), and read back at
-    `on_train_begin` if the file exists, replacing the in-memory state. Use it beside
-    `keras.callbacks.BackupAndRestore(save_freq="epoch")`: both save at the same epoch ends, so
-    after an interruption the restored weights and the restored buffer agree and the resumed run
-    ends with exactly the samples of an uninterrupted run. Like `BackupAndRestore`, the file is
-    deleted when `fit` ends normally (`delete_backup=True`). One sampler per `backup_dir`.
+    **Fault tolerance.** With `backup_dir`, the buffer, the step count and the step count at
+    the end of every epoch of the current `fit` are written to `backup_dir/posterior_sampler.npz`
+    (atomically) when an epoch ends: after its last batch, before any callback's `on_epoch_end`
+    (at `on_epoch_end` when Keras does not know the number of steps). When `fit` starts and the
+    file exists, it is read back, replacing the in-memory state, and at the first epoch Keras
+    runs the buffer is rewound to that epoch's start (samples taken later are dropped). Use it
+    beside `keras.callbacks.BackupAndRestore`: Keras resumes at the start of the epoch recorded
+    in its backup (Keras 3 restarts an interrupted epoch from its first batch, also with an
+    integer `save_freq`), so the resumed run counts the same steps and ends with the same number
+    of samples as an uninterrupted one, whatever the order of the callbacks; resumed from an
+    epoch-end backup (`save_freq="epoch"`) with a deterministic input order (e.g.
+    `shuffle=False`), the samples are the same too. Like `BackupAndRestore`, the file is deleted
+    when `fit` ends normally (`delete_backup=True`). One sampler per `backup_dir`.
 
     Args:
         burn_in: int >= 0, number of training steps (batches) discarded before sampling.
@@ -99,6 +105,14 @@ class PosteriorSampler(keras.callbacks.Callback):
         self._buffer: list[list[np.ndarray]] = []
         self._other_chains: list[list[list[np.ndarray]]] = []
         self._epoch_start_step = 0
+        # Fault tolerance: the step of each kept sample (own chain), the step count when the
+        # current `fit` started and at the end of each of its epochs, and a pending rewind.
+        self._sample_steps: list[int] = []
+        self._fit_start_step = 0
+        self._epoch_end_steps: dict[int, int] = {}
+        self._epoch = 0
+        self._epoch_closed = False
+        self._rewind_pending = False
         # Keras paths of the sampled weights (`model.trainable_weights[v].path`), set by `fit`.
         self.weight_names: list[str] | None = None
 
@@ -140,7 +154,17 @@ class PosteriorSampler(keras.callbacks.Callback):
 
     def _save_backup(self):
         os.makedirs(self.backup_dir, exist_ok=True)
-        arrays = {"step": np.asarray(self.step, np.int64), "n": np.asarray(len(self._buffer))}
+        epochs = sorted(self._epoch_end_steps)
+        if len(self._sample_steps) != len(self._buffer):  # a buffer set by hand
+            self._sample_steps = [self.step] * len(self._buffer)
+        arrays = {
+            "step": np.asarray(self.step, np.int64),
+            "n": np.asarray(len(self._buffer)),
+            "sample_steps": np.asarray(self._sample_steps, np.int64),
+            "fit_start_step": np.asarray(self._fit_start_step, np.int64),
+            "epochs": np.asarray(epochs, np.int64),
+            "epoch_end_steps": np.asarray([self._epoch_end_steps[e] for e in epochs], np.int64),
+        }
         if self._buffer:
             for v in range(len(self._buffer[0])):
                 arrays[f"w{v}"] = np.stack([s[v] for s in self._buffer])
@@ -157,16 +181,41 @@ class PosteriorSampler(keras.callbacks.Callback):
             if "names" in data.files:
                 self.weight_names = [str(name) for name in data["names"]]
             n = int(data["n"])
-            if n == 0:
-                self._buffer = []
-                return
-            stacked = [data[f"w{v}"] for v in range(int(data["n_vars"]))]
+            if "sample_steps" in data.files:
+                self._sample_steps = [int(s) for s in data["sample_steps"]]
+                self._fit_start_step = int(data["fit_start_step"])
+                ends = zip(data["epochs"], data["epoch_end_steps"], strict=True)
+                self._epoch_end_steps = {int(e): int(s) for e, s in ends}
+            else:  # a file without the step records: no rewind is possible
+                self._sample_steps = [self.step] * n
+                self._fit_start_step, self._epoch_end_steps = self.step, {}
+            stacked = [data[f"w{v}"] for v in range(int(data["n_vars"]))] if n else []
         self._buffer = [[np.array(w[i]) for w in stacked] for i in range(n)]
+
+    def _rewind_to_epoch(self, epoch):
+        """Rewinds the restored state to the start of `epoch` (the epoch Keras resumes at)."""
+        start = self._fit_start_step if epoch == 0 else self._epoch_end_steps.get(epoch - 1)
+        if start is None or start > self.step:
+            return  # no record of that epoch's start: keep the state as read
+        keep = sum(1 for s in self._sample_steps if s <= start)
+        self._buffer, self._sample_steps = self._buffer[:keep], self._sample_steps[:keep]
+        self._epoch_end_steps = {e: s for e, s in self._epoch_end_steps.items() if e < epoch}
+        self.step = start
+
+    def _close_epoch(self):
+        self._epoch_end_steps[self._epoch] = self.step
+        self._epoch_closed = True
+        if self.backup_dir is not None:
+            self._save_backup()
 
     # ----------------------------------------------------------------------------- hooks
     def on_train_begin(self, logs=None):
+        self._rewind_pending = False
         if self.backup_dir is not None and os.path.exists(self._backup_path()):
             self._load_backup()
+            self._rewind_pending = True  # done at the first epoch, once Keras has chosen it
+        else:
+            self._fit_start_step, self._epoch_end_steps = self.step, {}
         if self.model is not None:
             self.weight_names = _unique([v.path for v in self.model.trainable_weights])
         params = self.params or {}
@@ -179,27 +228,35 @@ class PosteriorSampler(keras.callbacks.Callback):
             )
 
     def on_epoch_begin(self, epoch, logs=None):
+        if self._rewind_pending:
+            self._rewind_pending = False
+            self._rewind_to_epoch(int(epoch))
+        self._epoch, self._epoch_closed = int(epoch), False
         self._epoch_start_step = self.step
 
     def on_train_batch_end(self, batch, logs=None):
         previous, self.step = self.step, self._epoch_start_step + int(batch) + 1
         if self.step <= previous:  # defensive: batch indices did not advance
             self.step = previous + 1
-        if len(self._buffer) >= self.max_samples or self.step <= self.burn_in:
-            return
-        # Largest sampling step <= self.step; take a snapshot if it lies in (previous, step].
-        last_sampling_step = self.step - (self.step - self.burn_in) % self.thin
-        if last_sampling_step > max(previous, self.burn_in):
-            self._buffer.append(
-                [
-                    np.array(keras.ops.convert_to_numpy(v), copy=True)
-                    for v in self.model.trainable_weights
-                ]
-            )
+        if len(self._buffer) < self.max_samples and self.step > self.burn_in:
+            # Largest sampling step <= self.step; take a snapshot if it lies in (previous, step].
+            last_sampling_step = self.step - (self.step - self.burn_in) % self.thin
+            if last_sampling_step > max(previous, self.burn_in):
+                self._buffer.append(
+                    [
+                        np.array(keras.ops.convert_to_numpy(v), copy=True)
+                        for v in self.model.trainable_weights
+                    ]
+                )
+                self._sample_steps.append(self.step)
+        steps = (self.params or {}).get("steps")
+        if steps and int(batch) + 1 >= int(steps):
+            # The epoch's record is saved before any `on_epoch_end` (e.g. BackupAndRestore's).
+            self._close_epoch()
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.backup_dir is not None:
-            self._save_backup()
+        if not self._epoch_closed:  # the number of steps was unknown
+            self._close_epoch()
         if self.verbose:
             print(f"posterior samples: {len(self._buffer)}/{self.max_samples}")
 

@@ -81,7 +81,10 @@ class LossWeightSchedule(_EpochSchedule):
 class TemperatureSchedule(_EpochSchedule):
     """Sets the temperature of one `Distiller` objective to `schedule(epoch)` each epoch.
 
-    The value is logged as `"{objective}_temperature"`.
+    The temperature lives in the distiller's `{objective}_temperature` variable, so it is saved
+    with the model and survives `BackupAndRestore` (the schedule is a pure function of the
+    epoch, re-applied at the start of the epoch a resumed `fit` begins with). The value is
+    logged as `"{objective}_temperature"`.
 
     Args:
         objective: the name of an objective whose loss has a temperature (e.g. `SoftTargetKL`).

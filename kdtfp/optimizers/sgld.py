@@ -35,7 +35,11 @@ class SGLD(keras.optimizers.Optimizer):
 
     The noise comes from `keras.random.normal` with a `keras.random.SeedGenerator` built with the
     optimizer, so it is reproducible from `seed`, saved with the optimizer's variables, and equal
-    on every replica under `tf.distribute` (mirrored weights stay identical).
+    on every replica under `tf.distribute` (mirrored weights stay identical). The generator's
+    state and the step counter `iterations` (which `burn_in_steps` reads) are optimizer
+    variables, so `keras.callbacks.BackupAndRestore` restores both: a chain resumed from an
+    epoch-end backup draws the same noise as an uninterrupted one, bit for bit on CPU with op
+    determinism on (tests/distributed/test_recovery.py).
 
     Args:
         learning_rate: step size `eps` > 0: a float, a

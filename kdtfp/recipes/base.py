@@ -17,6 +17,11 @@ class RunConfig:
     `quick` runs at CI scale (< 90 s on 2 CPU cores); `out` receives the export, `metrics.json`
     and plots; `strategy` is a `tf.distribute.Strategy` (build models in its scope); `jit`
     compiles train steps with XLA.
+
+    `chief` is False on the non-chief workers of a `MultiWorkerMirroredStrategy` run: they must
+    make every `fit` (and save) call the chief makes, in the same order and with the same global
+    batches, but their `out` is a scratch folder that is deleted afterwards. A recipe may skip
+    work whose only product is a file (plots) when `chief` is False; never a `fit`.
     """
 
     quick: bool = False
@@ -25,6 +30,7 @@ class RunConfig:
     strategy: object = None
     jit: bool = False
     verbose: int = 1
+    chief: bool = True
 
     def log(self, message: str) -> None:
         if self.verbose:

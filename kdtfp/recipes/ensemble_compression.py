@@ -27,8 +27,8 @@ import tensorflow as tf
 
 from kdtfp import datasets, metrics
 from kdtfp.distill import Distiller
-from kdtfp.distribute import safe_steps_per_execution
-from kdtfp.export import export_student
+from kdtfp.distribute import safe_steps_per_execution, shard_by_data
+from kdtfp.export import export_student, versioned_export_path
 from kdtfp.losses import DerivativeMatching, SoftTargetKL
 from kdtfp.recipes.base import Result, RunConfig, Timer
 from kdtfp.teachers import BaggedEnsemble, fit_bagged, mlp
@@ -116,7 +116,8 @@ def _train_student(teacher, x, y, variant, settings, seed, strategy, jit, hyper=
             ]
         )
     elements = (x, y) if variant == "labels_only" else x
-    dataset = (
+    # Global batches; on several workers each keeps its replicas' share of every batch.
+    dataset = shard_by_data(
         tf.data.Dataset.from_tensor_slices(elements)
         .repeat()
         .shuffle(2048, seed=seed)
@@ -268,5 +269,7 @@ def run(config: RunConfig) -> Result:
     _plot(SIZES, table, table["acc_teacher"], plot_path)
     result.plots.append(plot_path)
     # The exported student: soft targets + derivative matching on the whole training set.
-    result.export_path = export_student(final_student, os.path.join(config.out, "export"))
+    result.export_path = export_student(
+        final_student, versioned_export_path(os.path.join(config.out, "export"))
+    )
     return result

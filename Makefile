@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(VENV)/bin/kdtfp bench logz --json saved_models/bench-logz.json
 	$(VENV)/bin/kdtfp bench online --json saved_models/bench-online.json
 	$(VENV)/bin/kdtfp bench arhmm --json saved_models/bench-arhmm.json
+	$(VENV)/bin/kdtfp bench recovery --json saved_models/bench-recovery.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

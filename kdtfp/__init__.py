@@ -13,7 +13,7 @@ Built on TensorFlow, Keras 3 and TensorFlow Probability. The public pieces:
 * `kdtfp.datasets` — offline data and transfer-set samplers;
 * `kdtfp.metrics` — accuracy, log-likelihood, agreement, KL in float64;
 * `kdtfp.estimators` — log-partition estimators (importance, bridge, AIS, exact);
-* `kdtfp.distribute.make_strategy` — strategies for `--strategy/--devices`;
+* `kdtfp.distribute.make_strategy` — strategies for `--strategy/--devices/--workers`;
 * `kdtfp.export.export_student` — a SavedModel of the student alone.
 """
 

@@ -8,7 +8,10 @@ the first op runs; `pytest_configure` runs before any test module is imported.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -67,3 +70,39 @@ def _fresh_keras_state():
     keras.backend.clear_session(free_memory=False)
     keras.utils.set_random_seed(0)
     yield
+
+
+_RECIPE_RUNS = {}
+
+
+def _run_recipe(name, out, *flags, fresh=False):
+    """`kdtfp run NAME --quick --out OUT --json OUT/m.json FLAGS...` in a fresh process (one
+    strategy per process, DESIGN rule 6); returns `(out, json record, stdout)`.
+
+    Runs are shared by the session: a second call with the same `name` and `flags` returns the
+    first one's result (and its `out`), so the recipe tests and the determinism test pay for a
+    run once. `fresh=True` always runs again (and does not replace the shared run).
+    """
+    key = (name, tuple(flags))
+    if not fresh and key in _RECIPE_RUNS:
+        return _RECIPE_RUNS[key]
+    json_path = out / "m.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "kdtfp.cli", "run", name, "--quick"]
+        + ["--out", str(out), "--json", str(json_path), *flags],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = (out, json.loads(json_path.read_text()), completed.stdout)
+    if not fresh:
+        _RECIPE_RUNS[key] = result
+    return result
+
+
+@pytest.fixture(scope="session")
+def run_recipe():
+    """The function `run_recipe(name, out, *flags, fresh=False) -> (out, record, stdout)`."""
+    return _run_recipe

@@ -2,6 +2,7 @@
 
 from kdtfp.distill.cache import teacher_cached_dataset, teacher_outputs
 from kdtfp.distill.constrained_vi import ConstrainedVIDistiller
+from kdtfp.distill.continual import ContinualVAEDistiller, continual_dataset, frozen_copy
 from kdtfp.distill.distiller import INPUTS, TEACHER_OUTPUTS, Distiller
 from kdtfp.distill.objective import DistillationObjective, FeatureDistillation
 from kdtfp.distill.shared_noise import SharedNoiseDistiller
@@ -16,4 +17,7 @@ __all__ = [
     "teacher_outputs",
     "ConstrainedVIDistiller",
     "SharedNoiseDistiller",
+    "ContinualVAEDistiller",
+    "continual_dataset",
+    "frozen_copy",
 ]

@@ -211,14 +211,20 @@ class ConstrainedVIDistiller(SafeCompile, keras.Model):
 
     # ------------------------------------------------------------------ compile and fit
 
-    def fit(self, x=None, y=None, batch_size=None, callbacks=None, **kwargs):
+    def fit(self, x=None, y=None, batch_size=None, callbacks=None, *, nan_guard=True, **kwargs):
         """`keras.Model.fit(x, teacher_features, ...)` after checks that run before any step.
 
         Arrays must be non-empty and finite, `x` and `y` must have the same number of rows,
         `student.check_inputs(x)` runs if the student has it (e.g. `TopicModel` checks counts),
         and on several replicas `batch_size` must split evenly. An unbuilt model is built on
         `x[:1]` first (NumPy `x`), as `keras.callbacks.BackupAndRestore` requires.
+
+        A `kdtfp.callbacks.NaNGuard()` is appended to the callbacks unless one is there or
+        `nan_guard=False`: a NaN/Inf ELBO, constraint or weight raises `NumericalFailureError`
+        with the step and the term, after the last good weights are restored.
         """
+        from kdtfp.callbacks.nan_guard import with_nan_guard
+
         check_arrays(x, "x")
         check_arrays(y, "y")
         student_check = getattr(self.student, "check_inputs", None)
@@ -248,6 +254,7 @@ class ConstrainedVIDistiller(SafeCompile, keras.Model):
                     "multiplier stays fixed (a penalty).",
                     stacklevel=2,
                 )
+        callbacks = with_nan_guard(callbacks, nan_guard)
         return super().fit(x, y, batch_size=batch_size, callbacks=callbacks, **kwargs)
 
     # ------------------------------------------------------------------ serialisation

@@ -17,6 +17,7 @@ from kdtfp.distill.checks import (
 )
 from kdtfp.distill.objective import DistillationObjective, as_loss, as_objective, check_weight
 from kdtfp.distill.safe_compile import SafeCompile
+from kdtfp.seed_state import SavesSeedState
 
 #: Keys of an input dict that carries precomputed teacher outputs (see `teacher_cached_dataset`).
 INPUTS = "inputs"
@@ -40,7 +41,7 @@ def split_inputs(inputs):
 
 
 @keras.saving.register_keras_serializable(package="kdtfp")
-class Distiller(SafeCompile, keras.Model):
+class Distiller(SavesSeedState, SafeCompile, keras.Model):
     """Trains `student` to reproduce a frozen `teacher`, with `fit` and any distribution strategy.
 
     The loss is
@@ -361,13 +362,20 @@ class Distiller(SafeCompile, keras.Model):
 
     # ------------------------------------------------------------------ compile and fit
 
-    def fit(self, x=None, y=None, batch_size=None, **kwargs):
+    def fit(self, x=None, y=None, batch_size=None, *, nan_guard=True, **kwargs):
         """`keras.Model.fit`, after checks that fail before any step runs.
 
         Arrays must be non-empty and finite; a `tf.data.Dataset` must not be empty (its
         values are not scanned). On several replicas `batch_size` must split evenly: Keras
         fails on uneven shards when it builds a model under a strategy.
+
+        A `kdtfp.callbacks.NaNGuard()` is appended to the callbacks unless one is there or
+        `nan_guard=False`: a NaN/Inf term, loss or weight raises `NumericalFailureError` with
+        the step and the term, after the last good weights are restored.
         """
+        from kdtfp.callbacks.nan_guard import with_nan_guard
+
+        kwargs["callbacks"] = with_nan_guard(kwargs.get("callbacks"), nan_guard)
         check_arrays(x, "x")
         check_arrays(y, "y")
         replicas = self.distribute_strategy.num_replicas_in_sync

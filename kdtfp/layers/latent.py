@@ -25,6 +25,8 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 from keras import ops
 
+from kdtfp.seed_state import SavesSeedState
+
 tfd = tfp.distributions
 
 
@@ -65,7 +67,7 @@ def _check_noise(noise, shape, kind):
     return noise
 
 
-class _ConditionalNode(keras.layers.Layer):
+class _ConditionalNode(SavesSeedState, keras.layers.Layer):
     """An MLP from the (concatenated) parents to the node's distribution parameters."""
 
     def __init__(self, units, hidden_units=(), activation="relu", seed=None, **kwargs):
@@ -257,7 +259,7 @@ def _bernoulli_sample(logits, noise, value, layer):
 
 
 @keras.saving.register_keras_serializable(package="kdtfp")
-class GaussianRoot(keras.layers.Layer):
+class GaussianRoot(SavesSeedState, keras.layers.Layer):
     """A parentless Gaussian node: `N(0, I)`, or `N(loc, diag(scale^2))` learned (`learn=True`).
 
     Call arguments: `noise` `[..., units]` (gives the batch shape) and optional `value`.
@@ -309,7 +311,7 @@ class GaussianRoot(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="kdtfp")
-class BernoulliRoot(keras.layers.Layer):
+class BernoulliRoot(SavesSeedState, keras.layers.Layer):
     """A parentless Bernoulli node with learned logits (a bias-free linear map of a constant 1).
 
     Call arguments: `noise` `[..., units]` uniform (gives the batch shape) and optional `value`.

@@ -18,6 +18,7 @@ import tensorflow as tf
 from keras import ops
 
 from kdtfp.layers.mean_field import gaussian_kl
+from kdtfp.seed_state import SavesSeedState
 
 _HALF_LOG_2PI_E = 0.5 * math.log(2.0 * math.pi * math.e)
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -236,7 +237,7 @@ def dirichlet_logistic_normal_kl(loc, stddev, log_probs, concentration):
 
 
 @keras.saving.register_keras_serializable(package="kdtfp")
-class AutoregressiveHMM(keras.Model):
+class AutoregressiveHMM(SavesSeedState, keras.Model):
     """AR(p)-HMM with exact state marginalisation and mean-field ADVI on its globals.
 
     Model, for a sequence `x_1..x_T` in `R^D` (the first `p` steps are conditioned on):

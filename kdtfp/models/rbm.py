@@ -24,6 +24,8 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from kdtfp.seed_state import SavesSeedState
+
 #: Exact log Z enumerates 2^min(D, H) states; beyond 2^20 (~10^6 terms of D*H multiply-adds
 #: each) enumeration stops being a cheap reference, and at 2^30 it no longer fits in memory.
 MAX_ENUMERATED_UNITS = 20
@@ -182,7 +184,7 @@ class ContrastiveDivergence(keras.losses.Loss):
 
 
 @keras.saving.register_keras_serializable(package="kdtfp")
-class RBM(keras.Model):
+class RBM(SavesSeedState, keras.Model):
     """A binary-binary restricted Boltzmann machine, trained by `fit` with CD-k or PCD-k.
 
     `call(v)` returns the free energy `F(v)` [B] (float32); `log_unnormalized_prob(v) = -F(v)`.

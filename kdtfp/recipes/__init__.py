@@ -35,6 +35,22 @@ RECIPES = {
         "kdtfp.recipes.bkd",
         "Bayesian KD: SGLD posterior of a student under a teacher-informed Dirichlet prior, vs KD, MC dropout, VI",
     ),
+    "helmholtz": (
+        "kdtfp.recipes.helmholtz",
+        "shared-noise distillation of a width-8 Helmholtz machine into width 2 on Old Faithful, exact likelihoods and KL by enumerating 2^8 latent states",
+    ),
+    "hvae-datafree": (
+        "kdtfp.recipes.hvae_datafree",
+        "data-free shared-noise distillation of a 3-layer hierarchical VAE (width 128 -> 16) on binarised digits, vs ELBO on data, on teacher samples, local distillation",
+    ),
+    "vrnn": (
+        "kdtfp.recipes.vrnn",
+        "VRNN teacher (GRU 64) -> student (GRU 16) with shared z-noise and teacher-forced strokes, vs local distillation and training on data (synthetic pen strokes)",
+    ),
+    "continual-vae": (
+        "kdtfp.recipes.continual_vae",
+        "conditional VAE learns digits 5-9 after 0-4 while distilling its previous copy with shared noise; vs fine-tuning and generative replay",
+    ),
 }
 
 
@@ -42,7 +58,7 @@ def get(name):
     """The recipe module called `name`."""
     if name not in RECIPES:
         raise ValueError(
-            f"Unknown recipe {name!r}; available: {', '.join(sorted(RECIPES))} (or 'all')."
+            f"`RECIPE`: unknown recipe {name!r}; available: {', '.join(sorted(RECIPES))} (or 'all')."
         )
     return importlib.import_module(RECIPES[name][0])
 

@@ -211,7 +211,7 @@ class ConstrainedVIDistiller(SafeCompile, keras.Model):
 
     # ------------------------------------------------------------------ compile and fit
 
-    def fit(self, x=None, y=None, batch_size=None, callbacks=None, *, nan_guard=True, **kwargs):
+    def fit(self, x=None, y=None, batch_size=None, callbacks=None, **kwargs):
         """`keras.Model.fit(x, teacher_features, ...)` after checks that run before any step.
 
         Arrays must be non-empty and finite, `x` and `y` must have the same number of rows,
@@ -219,12 +219,9 @@ class ConstrainedVIDistiller(SafeCompile, keras.Model):
         and on several replicas `batch_size` must split evenly. An unbuilt model is built on
         `x[:1]` first (NumPy `x`), as `keras.callbacks.BackupAndRestore` requires.
 
-        A `kdtfp.callbacks.NaNGuard()` is appended to the callbacks unless one is there or
-        `nan_guard=False`: a NaN/Inf ELBO, constraint or weight raises `NumericalFailureError`
-        with the step and the term, after the last good weights are restored.
+        A `kdtfp.callbacks.NaNGuard()` comes first among the callbacks unless one is there or
+        `nan_guard=False` (see `SafeCompile`): a NaN/Inf ELBO, constraint or weight stops it.
         """
-        from kdtfp.callbacks.nan_guard import with_nan_guard
-
         check_arrays(x, "x")
         check_arrays(y, "y")
         student_check = getattr(self.student, "check_inputs", None)
@@ -254,7 +251,6 @@ class ConstrainedVIDistiller(SafeCompile, keras.Model):
                     "multiplier stays fixed (a penalty).",
                     stacklevel=2,
                 )
-        callbacks = with_nan_guard(callbacks, nan_guard)
         return super().fit(x, y, batch_size=batch_size, callbacks=callbacks, **kwargs)
 
     # ------------------------------------------------------------------ serialisation

@@ -237,15 +237,6 @@ class ContinualVAEDistiller(SafeCompile, keras.Model):
             total = total + self._aggregate_additional_loss(loss)
         return total
 
-    def fit(self, x=None, y=None, *, nan_guard=True, **kwargs):
-        """`keras.Model.fit` with a `kdtfp.callbacks.NaNGuard()` appended unless one is in the
-        callbacks or `nan_guard=False`: a NaN/Inf term or weight raises
-        `NumericalFailureError` naming the step and the term, with the last good weights back."""
-        from kdtfp.callbacks.nan_guard import with_nan_guard
-
-        kwargs["callbacks"] = with_nan_guard(kwargs.get("callbacks"), nan_guard)
-        return super().fit(x, y, **kwargs)
-
     def get_config(self):
         return {
             "name": self.name,

@@ -362,20 +362,16 @@ class Distiller(SavesSeedState, SafeCompile, keras.Model):
 
     # ------------------------------------------------------------------ compile and fit
 
-    def fit(self, x=None, y=None, batch_size=None, *, nan_guard=True, **kwargs):
+    def fit(self, x=None, y=None, batch_size=None, **kwargs):
         """`keras.Model.fit`, after checks that fail before any step runs.
 
         Arrays must be non-empty and finite; a `tf.data.Dataset` must not be empty (its
         values are not scanned). On several replicas `batch_size` must split evenly: Keras
         fails on uneven shards when it builds a model under a strategy.
 
-        A `kdtfp.callbacks.NaNGuard()` is appended to the callbacks unless one is there or
-        `nan_guard=False`: a NaN/Inf term, loss or weight raises `NumericalFailureError` with
-        the step and the term, after the last good weights are restored.
+        A `kdtfp.callbacks.NaNGuard()` comes first among the callbacks unless one is there or
+        `nan_guard=False` (see `SafeCompile`).
         """
-        from kdtfp.callbacks.nan_guard import with_nan_guard
-
-        kwargs["callbacks"] = with_nan_guard(kwargs.get("callbacks"), nan_guard)
         check_arrays(x, "x")
         check_arrays(y, "y")
         replicas = self.distribute_strategy.num_replicas_in_sync

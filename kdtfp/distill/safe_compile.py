@@ -1,4 +1,4 @@
-"""`SafeCompile`: the `compile` override every kdtfp training model shares."""
+"""`SafeCompile`: the `compile` and `fit` behaviour every kdtfp trainer shares."""
 
 from __future__ import annotations
 
@@ -13,8 +13,18 @@ class SafeCompile:
 
     Overriding `compile` makes Keras skip re-compiling a loaded model unless
     `compile_from_config` is overridden too; its body here is Keras's own (trainer.py).
+    `fit` puts a `kdtfp.callbacks.NaNGuard()` first among the callbacks unless one is there or
+    `nan_guard=False`: a NaN/Inf term or weight raises `NumericalFailureError` naming the step
+    and the term, with the last good weights restored (DESIGN rule 12).
+
     List it before `keras.Model`: `class Distiller(SafeCompile, keras.Model)`.
     """
+
+    def fit(self, *args, nan_guard=True, **kwargs):
+        from kdtfp.callbacks.nan_guard import with_nan_guard
+
+        kwargs["callbacks"] = with_nan_guard(kwargs.get("callbacks"), nan_guard)
+        return super().fit(*args, **kwargs)
 
     def compile(self, *args, steps_per_execution=1, **kwargs):
         from kdtfp.distribute import safe_steps_per_execution

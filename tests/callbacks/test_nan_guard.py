@@ -145,10 +145,12 @@ def test_check_every_rolls_back_to_the_last_checked_step():
     _assert_weights_equal(distiller.get_weights(), recorder.weights[0])
 
 
-def test_with_nan_guard_appends_one_guard_only_when_enabled():
+def test_with_nan_guard_puts_one_guard_first_only_when_enabled():
     guard = NaNGuard()
     assert with_nan_guard([guard]) == [guard]
     assert [type(c) for c in with_nan_guard(None)] == [NaNGuard]
+    other = keras.callbacks.History()
+    assert [type(c) for c in with_nan_guard([other])] == [NaNGuard, keras.callbacks.History]
     assert with_nan_guard(None, enabled=False) is None
     with pytest.raises(ValueError, match="nan_guard"):
         with_nan_guard([], enabled="yes")

@@ -346,6 +346,7 @@ def export_conditional_vae(model, path, k=100):
         return task
 
     def check_x(x):
+        x = tf.ensure_shape(x, x_spec.shape)  # a restored signature does not check it itself
         binary = tf.reduce_all(tf.logical_or(tf.equal(x, 0.0), tf.equal(x, 1.0)))
         tf.debugging.assert_equal(binary, True, message="`x` must be binary (0 or 1)")
         return x

@@ -160,6 +160,9 @@ def export_generative(model, path, data_spec, extra_endpoints=None):
     - `log_prob(x)`: `x` of `data_spec` -> `[B]` (exact or a bound, as the model documents).
     - `encode(x)`: `x` of `data_spec` -> the model's `encode(x)`.
 
+    Requests of another shape than `data_spec`, or with NaN/Inf, are refused
+    (`InvalidArgumentError`).
+
     Args:
         model: a Keras model with `sample(n)`, `log_prob(x)` and `encode(x)`.
         path: output directory (e.g. `saved_models/RECIPE/export/1`).
@@ -169,6 +172,8 @@ def export_generative(model, path, data_spec, extra_endpoints=None):
     Returns:
         `path`.
     """
+    from kdtfp.export import checked  # here: kdtfp.export imports kdtfp.distill, which imports us
+
     if not isinstance(data_spec, tf.TensorSpec):
         raise ValueError(f"`data_spec` must be a tf.TensorSpec, got {type(data_spec).__name__}.")
     archive = keras.export.ExportArchive()
@@ -178,8 +183,14 @@ def export_generative(model, path, data_spec, extra_endpoints=None):
         lambda n: model.sample(n),
         input_signature=[tf.TensorSpec([], tf.int32, name="n")],
     )
-    archive.add_endpoint("log_prob", lambda x: model.log_prob(x), input_signature=[data_spec])
-    archive.add_endpoint("encode", lambda x: model.encode(x), input_signature=[data_spec])
+    # A restored signature does not check the feature dimension by itself: `checked` refuses a
+    # request of the wrong shape, and NaN/Inf, in the graph.
+    archive.add_endpoint(
+        "log_prob", checked(lambda x: model.log_prob(x), data_spec), input_signature=[data_spec]
+    )
+    archive.add_endpoint(
+        "encode", checked(lambda x: model.encode(x), data_spec), input_signature=[data_spec]
+    )
     for name, (fn, signature) in (extra_endpoints or {}).items():
         archive.add_endpoint(name, fn, input_signature=signature)
     archive.write_out(path, verbose=False)

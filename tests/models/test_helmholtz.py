@@ -262,6 +262,16 @@ np.testing.assert_allclose(served.encode(x).numpy(), np.load({str(tmp_path / "en
 a, b = served.sample(tf.constant(500)).numpy(), served.sample(tf.constant(500)).numpy()
 assert a.shape == (500, 2) and not np.allclose(a, b)
 assert np.all(np.isfinite(served.log_prob(tf.constant(a)).numpy()))
+# Through the serving signature (what TF Serving calls), which does not check shapes itself.
+signature = served.signatures["log_prob"]
+(argument,) = signature.structured_input_signature[1]
+for bad in (tf.zeros([3, 3]), tf.constant([[np.nan, 0.0]], tf.float32)):  # wrong width, NaN
+    try:
+        signature(**{{argument: bad}})
+    except tf.errors.InvalidArgumentError:
+        pass
+    else:
+        raise AssertionError(f"log_prob accepted {{bad.shape}}")
 print("served ok")
 """
     completed = subprocess.run(

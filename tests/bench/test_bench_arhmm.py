@@ -11,17 +11,9 @@ import json
 import math
 
 import pytest
+from bench_checks import finite_positive
 
 from kdtfp.bench import arhmm as bench
-
-
-def _finite_positive(value):
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +49,13 @@ def test_quick_run_writes_finite_positive_times_rates_and_ratios(record):
             "tfp_steps_per_second",
             "ratio",
         ):
-            assert _finite_positive(cell[key]), (name, key, cell.get(key))
+            assert finite_positive(cell[key]), (name, key, cell.get(key))
         assert set(cell["ratio_estimates"]) == {"of_medians", "paired_median", "of_mins"}
-        assert all(_finite_positive(v) for v in cell["ratio_estimates"].values()), name
+        assert all(finite_positive(v) for v in cell["ratio_estimates"].values()), name
         for variant in bench.VARIANTS:
             samples = cell["timing_samples_ms"][variant]
             assert len(samples) == record["settings"]["repeats"], (name, variant)
-            assert all(_finite_positive(v) for v in samples), (name, variant)
+            assert all(finite_positive(v) for v in samples), (name, variant)
         # The headline numbers are the medians they are said to be.
         steps = cell["batch_size"] * cell["steps"]
         assert cell["ratio"] == pytest.approx(cell["tfp_ms"] / cell["ours_ms"])

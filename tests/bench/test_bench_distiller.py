@@ -7,10 +7,10 @@ reports, not what a test checks (DESIGN.md section 5).
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
+from bench_checks import finite_positive
 
 from kdtfp.bench import distiller as bench
 from kdtfp.bench import timing
@@ -34,15 +34,6 @@ TIMES = (
 )
 
 
-def _finite_positive(value):
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
-
-
 @pytest.mark.slow
 def test_quick_run_writes_every_ratio_time_and_setting(tmp_path):
     json_path = tmp_path / "bench" / "distiller.json"
@@ -51,15 +42,15 @@ def test_quick_run_writes_every_ratio_time_and_setting(tmp_path):
 
     assert record["benchmark"] == "distiller" and record["quick"] is True
     for key in RATIOS + ("teacher_flops_per_example", "student_flops_per_example"):
-        assert _finite_positive(record[key]), (key, record.get(key))
+        assert finite_positive(record[key]), (key, record.get(key))
         assert record[key] == pytest.approx(result[key])
     # Infinite when the cached epoch is not faster, which a loaded machine can make happen.
     assert record["cache_break_even_epochs"] > 0
     for name in RATIOS:
         assert set(record["ratio_estimates"][name]) == {"of_medians", "paired_median", "of_mins"}
-        assert all(_finite_positive(v) for v in record["ratio_estimates"][name].values()), name
+        assert all(finite_positive(v) for v in record["ratio_estimates"][name].values()), name
     for key in TIMES:
-        assert _finite_positive(record["times_ms"][key]), (key, record["times_ms"].get(key))
+        assert finite_positive(record["times_ms"][key]), (key, record["times_ms"].get(key))
     for goal in (
         "ratio_vs_handwritten",
         "ratio_vs_keras_distiller",

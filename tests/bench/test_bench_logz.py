@@ -11,18 +11,10 @@ import math
 
 import numpy as np
 import pytest
+from bench_checks import finite_positive
 
 from kdtfp import cli
 from kdtfp.bench import logz as bench
-
-
-def _finite_positive(value):
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +35,8 @@ def test_quick_run_reports_every_estimator_at_three_budgets(record):
         assert set(by_budget) == set(record["budget_keys"]), method
         for key, entry in by_budget.items():
             budget = float(key)
-            assert _finite_positive(entry["rmse"]), (method, key)
-            assert _finite_positive(entry["seconds_per_estimate"]), (method, key)
+            assert finite_positive(entry["rmse"]), (method, key)
+            assert finite_positive(entry["seconds_per_estimate"]), (method, key)
             assert math.isfinite(entry["bias"]), (method, key)
             # Each estimate spends at most its budget, and more than half of it.
             assert budget / 2 < entry["cost_E"] <= budget, (method, key)
@@ -65,7 +57,7 @@ def test_ratios_are_the_ratios_of_the_reported_numbers(record):
         for method in ("ais", "bridge"):
             rmse = f"{method}_over_is_rmse_{key}"
             seconds = f"{method}_over_is_time_{key}"
-            assert _finite_positive(record[rmse]) and _finite_positive(record[seconds])
+            assert finite_positive(record[rmse]) and finite_positive(record[seconds])
             assert record[rmse] == pytest.approx(
                 results[method][key]["rmse"] / results["nade_is"][key]["rmse"]
             )
@@ -75,7 +67,7 @@ def test_ratios_are_the_ratios_of_the_reported_numbers(record):
             )
             estimates = record["ratio_estimates"][seconds]
             assert set(estimates) == {"of_medians", "paired_median", "of_mins"}
-            assert all(_finite_positive(v) for v in estimates.values())
+            assert all(finite_positive(v) for v in estimates.values())
 
 
 def test_the_rbm_is_exact_and_the_nade_is_a_proper_density(record):

@@ -11,18 +11,10 @@ import math
 
 import numpy as np
 import pytest
+from bench_checks import finite_positive
 
 from kdtfp import cli
 from kdtfp.bench import online as bench
-
-
-def _finite_positive(value):
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +38,15 @@ def test_quick_run_writes_every_rate_ratio_and_memory(record):
             f"stored_floats_online_{label}",
             f"stored_floats_batch_{label}",
         ):
-            assert _finite_positive(record[key]), (key, record.get(key))
+            assert finite_positive(record[key]), (key, record.get(key))
         for kind in ("online", "batch"):
             growth = record[f"peak_rss_growth_mb_{kind}_{label}"]
             assert math.isfinite(growth) and growth >= 0
         estimates = record["ratio_estimates"][f"online_over_batch_steps_per_second_{label}"]
         assert set(estimates) == {"of_medians", "paired_median", "of_mins"}
-        assert all(_finite_positive(v) for v in estimates.values())
+        assert all(finite_positive(v) for v in estimates.values())
     for kind in ("online", "batch_short", "batch_long"):
-        assert _finite_positive(record["times_ms"][kind]), kind
+        assert finite_positive(record["times_ms"][kind]), kind
         samples = record["timing_samples_ms"][kind]
         assert len(samples) == record["settings"]["repeats"]
         assert record["times_ms"][kind] == pytest.approx(float(np.median(samples)))

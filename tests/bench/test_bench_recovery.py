@@ -8,23 +8,14 @@ local worker clusters in subprocesses, so it is marked slow.
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
+from bench_checks import finite_positive
 
 from kdtfp import cli
 from kdtfp.bench import recovery as bench
 
 pytestmark = pytest.mark.slow
-
-
-def _finite_positive(value):
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +35,13 @@ def test_quick_run_reports_the_cost_of_a_kill_and_the_throughputs(record):
     assert record["benchmark"] == "recovery" and record["quick"] is True
     kill, speed = record["kill"], record["throughput"]
     for key in ("seconds_lost", "startup_seconds", "first_step_seconds"):
-        assert _finite_positive(kill[key]), (key, kill[key])
+        assert finite_positive(kill[key]), (key, kill[key])
     # The parts are parts of the whole.
     assert kill["startup_seconds"] + kill["first_step_seconds"] < kill["seconds_lost"]
     survivor = kill["survivor_exit_seconds"]
-    assert survivor is None or _finite_positive(survivor)
+    assert survivor is None or finite_positive(survivor)
     for key, value in speed.items():
-        assert _finite_positive(value), (key, value)
+        assert finite_positive(value), (key, value)
     assert speed["speedup_2_workers"] == pytest.approx(
         speed["steps_per_second_2_workers"] / speed["steps_per_second_1_worker"]
     )

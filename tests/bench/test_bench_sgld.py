@@ -7,21 +7,12 @@ reports, not what a test checks (DESIGN.md section 5).
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
+from bench_checks import finite_positive
 
 from kdtfp import cli
 from kdtfp.bench import sgld as bench
-
-
-def _finite_positive(value):
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +37,12 @@ def test_quick_run_writes_every_ratio_rate_and_time(record):
         "chain_samples_per_second",
     )
     for key in keys:
-        assert _finite_positive(record[key]), (key, record.get(key))
+        assert finite_positive(record[key]), (key, record.get(key))
     for name in bench.RATIOS:
         assert set(record["ratio_estimates"][name]) == {"of_medians", "paired_median", "of_mins"}
-        assert all(_finite_positive(v) for v in record["ratio_estimates"][name].values()), name
+        assert all(finite_positive(v) for v in record["ratio_estimates"][name].values()), name
     for name in ("adam", "sgld", "psgld", "sgld_chains", "sgld_fit", "sgld_fit_sampler"):
-        assert _finite_positive(record["times_ms"][name]), name
+        assert finite_positive(record["times_ms"][name]), name
         assert len(record["timing_samples_ms"][name]) == record["settings"]["repeats"]
     # The headline numbers are the medians they are said to be.
     times = record["times_ms"]

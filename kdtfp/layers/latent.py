@@ -67,7 +67,16 @@ def _check_noise(noise, shape, kind):
     return noise
 
 
-class _ConditionalNode(SavesSeedState, keras.layers.Layer):
+class _Node(SavesSeedState, keras.layers.Layer):
+    """What every node layer shares: `log_prob` from its `make_distribution`, and a seed state
+    saved with its weights."""
+
+    def log_prob(self, params, x):
+        """`log p(x | parents)` summed over the node's units: shape `params`' batch shape."""
+        return self.make_distribution(params).log_prob(ops.cast(x, "float32"))
+
+
+class _ConditionalNode(_Node):
     """An MLP from the (concatenated) parents to the node's distribution parameters."""
 
     def __init__(self, units, hidden_units=(), activation="relu", seed=None, **kwargs):
@@ -103,10 +112,6 @@ class _ConditionalNode(SavesSeedState, keras.layers.Layer):
         for layer in self.hidden:
             h = layer(h)
         return h
-
-    def log_prob(self, params, x):
-        """`log p(x | parents)` summed over the node's units: shape `params`' batch shape."""
-        return self.make_distribution(params).log_prob(ops.cast(x, "float32"))
 
     def get_config(self):
         config = super().get_config()
@@ -259,7 +264,7 @@ def _bernoulli_sample(logits, noise, value, layer):
 
 
 @keras.saving.register_keras_serializable(package="kdtfp")
-class GaussianRoot(SavesSeedState, keras.layers.Layer):
+class GaussianRoot(_Node):
     """A parentless Gaussian node: `N(0, I)`, or `N(loc, diag(scale^2))` learned (`learn=True`).
 
     Call arguments: `noise` `[..., units]` (gives the batch shape) and optional `value`.
@@ -301,9 +306,6 @@ class GaussianRoot(SavesSeedState, keras.layers.Layer):
 
     make_distribution = staticmethod(GaussianLatent.make_distribution)
 
-    def log_prob(self, params, x):
-        return self.make_distribution(params).log_prob(ops.cast(x, "float32"))
-
     def get_config(self):
         config = super().get_config()
         config.update(units=self.units, learn=self.learn, seed=self.seed)
@@ -311,7 +313,7 @@ class GaussianRoot(SavesSeedState, keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="kdtfp")
-class BernoulliRoot(SavesSeedState, keras.layers.Layer):
+class BernoulliRoot(_Node):
     """A parentless Bernoulli node with learned logits (a bias-free linear map of a constant 1).
 
     Call arguments: `noise` `[..., units]` uniform (gives the batch shape) and optional `value`.
@@ -339,9 +341,6 @@ class BernoulliRoot(SavesSeedState, keras.layers.Layer):
         return {"logits": logits, "sample": _bernoulli_sample(logits, noise, value, self)}
 
     make_distribution = staticmethod(BernoulliLatent.make_distribution)
-
-    def log_prob(self, params, x):
-        return self.make_distribution(params).log_prob(ops.cast(x, "float32"))
 
     def get_config(self):
         config = super().get_config()
